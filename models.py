@@ -1,0 +1,450 @@
+"""The networks of emo, in plain PyTorch.
+
+    ViT       DINOv2 image encoder (small/base/large/giant, with or without registers)
+    Wav2Vec2  wav2vec 2.0 speech encoder (base-style and large-LV60-style)
+
+Each loads a Hugging Face checkpoint (config.json + model.safetensors) with
+`Model.from_pretrained(name_or_path, revision=None)`, from a local directory or a hub repo id,
+and computes what transformers computes for it. The classes themselves depend only on torch:
+copy one into your project and build it from its config dataclass.
+"""
+import math
+import re
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from emo import EmoError, load_pretrained
+
+
+# ------------------------------------------------------------------------------ building blocks
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused q/k/v projection, through scaled_dot_product_attention."""
+
+    def __init__(self, dim, num_heads, qkv_bias=True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, mask=None):
+        """x: (batch, tokens, dim); mask: None or bool (batch, 1, 1, tokens), True = attend to that key."""
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(x.transpose(1, 2).flatten(2))
+
+
+class Mlp(nn.Module):
+    """fc2(GELU(fc1(x))), or with swiglu=True fc2(SiLU(a) * b) where fc1(x) = [a, b]."""
+
+    def __init__(self, dim, hidden, swiglu=False):
+        super().__init__()
+        self.swiglu = swiglu
+        self.fc1 = nn.Linear(dim, 2 * hidden if swiglu else hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        x = self.fc1(x)
+        if self.swiglu:
+            gate, x = x.chunk(2, dim=-1)
+            x = F.silu(gate) * x
+        else:
+            x = F.gelu(x)
+        return self.fc2(x)
+
+
+def drop_path(x, rate, training):
+    """Stochastic depth: zero a whole sample's residual branch with probability `rate`."""
+    if rate == 0.0 or not training:
+        return x
+    keep = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device)
+    return x * keep.bernoulli_(1 - rate).div_(1 - rate)
+
+
+# ---------------------------------------------------------------------------------------- ViT
+
+@dataclass
+class ViTConfig:
+    hidden_size: int = 1024
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    mlp_ratio: float = 4.0
+    use_swiglu_ffn: bool = False     # the giant model's MLP
+    patch_size: int = 14
+    image_size: int = 518            # the position table covers (image_size / patch_size)^2 patches
+    num_channels: int = 3
+    num_register_tokens: int = 0
+    qkv_bias: bool = True
+    layerscale_value: float = 1.0
+    layer_norm_eps: float = 1e-6
+    drop_path_rate: float = 0.0      # stochastic depth, rising linearly to this rate at the last block
+
+    @classmethod
+    def from_hf(cls, hf, **overrides):
+        """From a transformers Dinov2Config / Dinov2WithRegistersConfig dict."""
+        if hf.get("model_type") not in ("dinov2", "dinov2_with_registers"):
+            raise EmoError(f"expected a DINOv2 config (model_type dinov2), got model_type {hf.get('model_type')!r}")
+        if hf.get("hidden_act", "gelu") != "gelu":
+            raise EmoError(f"unsupported DINOv2 activation {hf['hidden_act']!r} (emo implements gelu)")
+        values = {f.name: hf[f.name] for f in fields(cls) if f.name in hf}
+        values.setdefault("image_size", 224)  # transformers' default
+        if hf["model_type"] == "dinov2_with_registers":
+            values.setdefault("num_register_tokens", 4)
+        for name in ("image_size", "patch_size"):
+            if isinstance(values.get(name), (list, tuple)):
+                values[name] = values[name][0]
+        return cls(**{**values, **overrides})
+
+
+class ViTBlock(nn.Module):
+    def __init__(self, cfg: ViTConfig, drop_path_rate=0.0):
+        super().__init__()
+        dim = cfg.hidden_size
+        hidden = int(dim * cfg.mlp_ratio)
+        if cfg.use_swiglu_ffn:  # two thirds of the width, rounded up to a multiple of 8
+            hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+        self.norm1 = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+        self.attn = Attention(dim, cfg.num_attention_heads, cfg.qkv_bias)
+        self.ls1 = nn.Parameter(torch.full((dim,), float(cfg.layerscale_value)))
+        self.norm2 = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+        self.mlp = Mlp(dim, hidden, cfg.use_swiglu_ffn)
+        self.ls2 = nn.Parameter(torch.full((dim,), float(cfg.layerscale_value)))
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, x):
+        x = x + drop_path(self.attn(self.norm1(x)) * self.ls1, self.drop_path_rate, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)) * self.ls2, self.drop_path_rate, self.training)
+
+
+class ViT(nn.Module):
+    """DINOv2 vision transformer. vit(images) -> final-normed tokens [CLS, registers, patches].
+
+    images: (batch, 3, H, W) normalised with the ImageNet mean/std, H and W multiples of the patch
+    size; other sizes than the position table's are handled by bicubic interpolation of the table.
+    """
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim, grid = cfg.hidden_size, cfg.image_size // cfg.patch_size
+        self.patch_embed = nn.Conv2d(cfg.num_channels, dim, cfg.patch_size, cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, dim))
+        self.register_tokens = nn.Parameter(torch.zeros(1, cfg.num_register_tokens, dim)) if cfg.num_register_tokens else None
+        last = max(cfg.num_hidden_layers - 1, 1)
+        self.blocks = nn.ModuleList(ViTBlock(cfg, cfg.drop_path_rate * i / last) for i in range(cfg.num_hidden_layers))
+        self.norm = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+        self.gradient_checkpointing = False  # recompute each block in the backward pass to save memory
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, revision=None, **overrides):
+        """Load a DINOv2 checkpoint; `overrides` replace config values (e.g. drop_path_rate=0.1)."""
+        return from_hf_checkpoint(cls, ViTConfig, vit_state_dict_from_hf, name_or_path, revision, overrides)
+
+    def freeze(self, num_blocks):
+        """Stop training the patch embedding, tokens, position table and the first num_blocks blocks."""
+        frozen = [self.patch_embed, *self.blocks[:num_blocks]]
+        tokens = [self.cls_token, self.pos_embed] + ([self.register_tokens] if self.cfg.num_register_tokens else [])
+        for tensor in tokens + [p for module in frozen for p in module.parameters()]:
+            tensor.requires_grad_(False)
+
+    @property
+    def num_prefix_tokens(self):
+        return 1 + self.cfg.num_register_tokens
+
+    def position_embeddings(self, grid_h, grid_w):
+        table = self.pos_embed
+        side = math.isqrt(table.shape[1] - 1)
+        if (grid_h, grid_w) == (side, side):
+            return table
+        patches = table[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        # In fp32, as transformers does; the with-registers models resample with antialiasing.
+        patches = F.interpolate(patches.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False,
+                                antialias=self.cfg.num_register_tokens > 0).to(table.dtype)
+        return torch.cat([table[:, :1], patches.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
+
+    def forward(self, images):
+        x = self.patch_embed(images)
+        grid_h, grid_w = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1)
+        x = x + self.position_embeddings(grid_h, grid_w)
+        if self.register_tokens is not None:
+            x = torch.cat([x[:, :1], self.register_tokens.expand(len(x), -1, -1), x[:, 1:]], dim=1)
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.norm(x)
+
+
+_VIT_FROM_HF = [  # Hugging Face tensor name -> emo tensor name
+    (r"embeddings\.cls_token", "cls_token"),
+    (r"embeddings\.position_embeddings", "pos_embed"),
+    (r"embeddings\.register_tokens", "register_tokens"),
+    (r"embeddings\.patch_embeddings\.projection\.(\w+)", r"patch_embed.\1"),
+    (r"encoder\.layer\.(\d+)\.attention\.attention\.(q)uery\.(\w+)", r"blocks.\1.attn.\2.\3"),
+    (r"encoder\.layer\.(\d+)\.attention\.attention\.(k)ey\.(\w+)", r"blocks.\1.attn.\2.\3"),
+    (r"encoder\.layer\.(\d+)\.attention\.attention\.(v)alue\.(\w+)", r"blocks.\1.attn.\2.\3"),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.(\w+)", r"blocks.\1.attn.proj.\2"),
+    (r"encoder\.layer\.(\d+)\.layer_scale([12])\.lambda1", r"blocks.\1.ls\2"),
+    (r"encoder\.layer\.(\d+)\.(norm[12])\.(\w+)", r"blocks.\1.\2.\3"),
+    (r"encoder\.layer\.(\d+)\.mlp\.(?:fc1|weights_in)\.(\w+)", r"blocks.\1.mlp.fc1.\2"),
+    (r"encoder\.layer\.(\d+)\.mlp\.(?:fc2|weights_out)\.(\w+)", r"blocks.\1.mlp.fc2.\2"),
+    (r"layernorm\.(\w+)", r"norm.\1"),
+]
+
+
+def vit_state_dict_from_hf(tensors):
+    """emo ViT state dict from a transformers DINOv2 one (with or without the `dinov2.` prefix).
+
+    Heads (`classifier.*`) and the pre-training mask token are left out on purpose.
+    """
+    state = rename_from_hf(tensors, _VIT_FROM_HF, prefix="dinov2.", backbone=r"(embeddings|encoder|layernorm)\.",
+                           ignore=r"embeddings\.mask_token")
+    return fuse_qkv(state)
+
+
+# ----------------------------------------------------------------------------------- Wav2Vec2
+
+@dataclass
+class Wav2Vec2Config:
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    layer_norm_eps: float = 1e-5
+    conv_dim: tuple = (512, 512, 512, 512, 512, 512, 512)
+    conv_kernel: tuple = (10, 3, 3, 3, 3, 2, 2)
+    conv_stride: tuple = (5, 2, 2, 2, 2, 2, 2)
+    conv_bias: bool = False
+    feat_extract_norm: str = "group"    # "group": GroupNorm on the first conv; "layer": LayerNorm on every conv
+    num_conv_pos_embeddings: int = 128
+    num_conv_pos_embedding_groups: int = 16
+    do_stable_layer_norm: bool = False  # True: pre-LN encoder (large LV-60); False: post-LN (base)
+
+    @classmethod
+    def from_hf(cls, hf, **overrides):
+        """From a transformers Wav2Vec2Config dict."""
+        if hf.get("model_type") != "wav2vec2":
+            raise EmoError(f"expected a wav2vec2 config (model_type wav2vec2), got model_type {hf.get('model_type')!r}")
+        for key in ("hidden_act", "feat_extract_activation"):
+            if hf.get(key, "gelu") != "gelu":
+                raise EmoError(f"unsupported wav2vec2 {key} {hf[key]!r} (emo implements gelu)")
+        if hf.get("add_adapter") or hf.get("adapter_attn_dim"):
+            raise EmoError("wav2vec2 checkpoints with adapter layers are not supported")
+        values = {f.name: hf[f.name] for f in fields(cls) if f.name in hf}
+        for name in ("conv_dim", "conv_kernel", "conv_stride"):
+            if name in values:
+                values[name] = tuple(values[name])
+        if values.get("feat_extract_norm", "group") not in ("group", "layer"):
+            raise EmoError(f"unsupported feat_extract_norm {values['feat_extract_norm']!r}")
+        return cls(**{**values, **overrides})
+
+
+class ConvLayer(nn.Module):
+    """One step of the waveform feature encoder: Conv1d, optional GroupNorm or LayerNorm, GELU."""
+
+    def __init__(self, in_dim, out_dim, kernel, stride, bias, norm):
+        super().__init__()
+        self.conv = nn.Conv1d(in_dim, out_dim, kernel, stride, bias=bias)
+        self.norm = {"group": nn.GroupNorm(out_dim, out_dim), "layer": nn.LayerNorm(out_dim), None: None}[norm]
+
+    def forward(self, x):  # (batch, channels, time)
+        x = self.conv(x)
+        if isinstance(self.norm, nn.LayerNorm):  # over the channels of each time step
+            x = self.norm(x.transpose(1, 2)).transpose(1, 2)
+        elif self.norm is not None:
+            x = self.norm(x)
+        return F.gelu(x)
+
+
+class EncoderLayer(nn.Module):
+    """Transformer layer, post-LN (base) or pre-LN (stable layer norm, large LV-60)."""
+
+    def __init__(self, cfg: Wav2Vec2Config):
+        super().__init__()
+        dim = cfg.hidden_size
+        self.pre_norm = cfg.do_stable_layer_norm
+        self.attn = Attention(dim, cfg.num_attention_heads)
+        self.norm1 = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+        self.mlp = Mlp(dim, cfg.intermediate_size)
+        self.norm2 = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+
+    def forward(self, x, mask=None):
+        if self.pre_norm:
+            x = x + self.attn(self.norm1(x), mask)
+            return x + self.mlp(self.norm2(x))
+        x = self.norm1(x + self.attn(x, mask))
+        return self.norm2(x + self.mlp(x))
+
+
+class Wav2Vec2(nn.Module):
+    """wav2vec 2.0. w2v(wave, attention_mask) -> (last hidden state, all hidden states).
+
+    wave: (batch, samples) mono 16 kHz, normalised per utterance (normalize_waveform); one output
+    step per 320 samples (20 ms). attention_mask: (batch, samples), 1 on real samples, 0 on the
+    right padding of shorter utterances. hidden_states[0] is the encoder input and
+    hidden_states[i] the output of layer i, as transformers returns them.
+    """
+
+    def __init__(self, cfg: Wav2Vec2Config):
+        super().__init__()
+        self.cfg = cfg
+        dims = (1, *cfg.conv_dim)
+        norms = ["layer"] * len(cfg.conv_dim) if cfg.feat_extract_norm == "layer" else ["group"] + [None] * (len(cfg.conv_dim) - 1)
+        self.conv_layers = nn.ModuleList(
+            ConvLayer(dims[i], dims[i + 1], cfg.conv_kernel[i], cfg.conv_stride[i], cfg.conv_bias, norms[i])
+            for i in range(len(cfg.conv_dim)))
+        self.proj_norm = nn.LayerNorm(cfg.conv_dim[-1], eps=cfg.layer_norm_eps)
+        self.proj = nn.Linear(cfg.conv_dim[-1], cfg.hidden_size)
+        kernel = cfg.num_conv_pos_embeddings
+        self.pos_conv = nn.Conv1d(cfg.hidden_size, cfg.hidden_size, kernel, padding=kernel // 2,
+                                  groups=cfg.num_conv_pos_embedding_groups)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, revision=None, **overrides):
+        """Load a wav2vec 2.0 checkpoint, e.g. facebook/wav2vec2-large-960h-lv60-self at revision refs/pr/5."""
+        return from_hf_checkpoint(cls, Wav2Vec2Config, wav2vec2_state_dict_from_hf, name_or_path, revision, overrides)
+
+    def num_steps(self, num_samples):
+        """Output steps for a waveform of num_samples samples (an int or a tensor of lengths)."""
+        for kernel, stride in zip(self.cfg.conv_kernel, self.cfg.conv_stride):
+            num_samples = (num_samples - kernel) // stride + 1
+        return num_samples
+
+    def forward(self, wave, attention_mask=None):
+        x = wave[:, None]
+        for layer in self.conv_layers:
+            x = layer(x)
+        x = self.proj(self.proj_norm(x.transpose(1, 2)))
+        mask = None
+        if attention_mask is not None:
+            valid = torch.arange(x.shape[1], device=x.device) < self.num_steps(attention_mask.sum(-1))[:, None]
+            x = x.masked_fill(~valid[..., None], 0.0)
+            mask = valid[:, None, None, :]
+        position = self.pos_conv(x.transpose(1, 2))
+        if self.cfg.num_conv_pos_embeddings % 2 == 0:  # "same" padding of an even kernel gives one step too many
+            position = position[..., :-1]
+        x = x + F.gelu(position).transpose(1, 2)
+        if not self.cfg.do_stable_layer_norm:
+            x = self.norm(x)
+        hidden_states = [x]
+        for layer in self.layers:
+            x = layer(x, mask)
+            hidden_states.append(x)
+        if self.cfg.do_stable_layer_norm:
+            x = self.norm(x)
+        return x, hidden_states
+
+
+def normalize_waveform(wave, attention_mask=None, eps=1e-7):
+    """Zero mean and unit variance per utterance, which the wav2vec 2.0 checkpoints expect.
+
+    With an attention_mask the statistics come from the real samples only and padding stays 0.
+    """
+    if attention_mask is None:
+        mean = wave.mean(-1, keepdim=True)
+        var = wave.var(-1, keepdim=True, correction=0)
+        return (wave - mean) / torch.sqrt(var + eps)
+    weight = attention_mask.to(wave.dtype)
+    count = weight.sum(-1, keepdim=True).clamp_min(1)
+    mean = (wave * weight).sum(-1, keepdim=True) / count
+    var = ((wave - mean) ** 2 * weight).sum(-1, keepdim=True) / count
+    return (wave - mean) / torch.sqrt(var + eps) * weight
+
+
+_W2V_FROM_HF = [  # Hugging Face tensor name -> emo tensor name
+    (r"feature_extractor\.conv_layers\.(\d+)\.conv\.(\w+)", r"conv_layers.\1.conv.\2"),
+    (r"feature_extractor\.conv_layers\.(\d+)\.layer_norm\.(\w+)", r"conv_layers.\1.norm.\2"),
+    (r"feature_projection\.layer_norm\.(\w+)", r"proj_norm.\1"),
+    (r"feature_projection\.projection\.(\w+)", r"proj.\1"),
+    (r"encoder\.pos_conv_embed\.conv\.(?:weight_g|parametrizations\.weight\.original0)", "pos_conv.weight_g"),
+    (r"encoder\.pos_conv_embed\.conv\.(?:weight_v|parametrizations\.weight\.original1)", "pos_conv.weight_v"),
+    (r"encoder\.pos_conv_embed\.conv\.bias", "pos_conv.bias"),
+    (r"encoder\.layer_norm\.(\w+)", r"norm.\1"),
+    (r"encoder\.layers\.(\d+)\.attention\.([qkv])_proj\.(\w+)", r"layers.\1.attn.\2.\3"),
+    (r"encoder\.layers\.(\d+)\.attention\.out_proj\.(\w+)", r"layers.\1.attn.proj.\2"),
+    (r"encoder\.layers\.(\d+)\.layer_norm\.(\w+)", r"layers.\1.norm1.\2"),
+    (r"encoder\.layers\.(\d+)\.final_layer_norm\.(\w+)", r"layers.\1.norm2.\2"),
+    (r"encoder\.layers\.(\d+)\.feed_forward\.intermediate_dense\.(\w+)", r"layers.\1.mlp.fc1.\2"),
+    (r"encoder\.layers\.(\d+)\.feed_forward\.output_dense\.(\w+)", r"layers.\1.mlp.fc2.\2"),
+]
+
+
+def wav2vec2_state_dict_from_hf(tensors):
+    """emo Wav2Vec2 state dict from a transformers one (with or without the `wav2vec2.` prefix).
+
+    The CTC head, quantizer, pre-training projections and SpecAugment's mask vector are left out
+    on purpose. The weight-normed positional convolution is folded into one plain weight.
+    """
+    state = rename_from_hf(tensors, _W2V_FROM_HF, prefix="wav2vec2.",
+                           backbone=r"(feature_extractor|feature_projection|encoder|adapter)\.")
+    if "pos_conv.weight_g" in state and "pos_conv.weight_v" in state:
+        g, v = state.pop("pos_conv.weight_g"), state.pop("pos_conv.weight_v")
+        state["pos_conv.weight"] = v * (g / torch.linalg.vector_norm(v, dim=(0, 1), keepdim=True))
+    return fuse_qkv(state)
+
+
+# ------------------------------------------------------------------------------ loading weights
+
+def rename_from_hf(tensors, renames, prefix, backbone, ignore=None):
+    """Rename the backbone's tensors by the (pattern, replacement) table.
+
+    Names outside the backbone (task heads and the like) are dropped; a backbone name that no
+    pattern knows is kept as is, so that load_weights reports it as unexpected.
+    """
+    state = {}
+    for name, tensor in tensors.items():
+        name = name.removeprefix(prefix)
+        if not re.match(backbone, name) or (ignore and re.fullmatch(ignore, name)):
+            continue
+        for pattern, replacement in renames:
+            if re.fullmatch(pattern, name):
+                name = re.sub(pattern, replacement, name)
+                break
+        state[name] = tensor
+    return state
+
+
+def fuse_qkv(state):
+    """Concatenate each attention's separate q, k and v projections into its fused qkv one."""
+    for name in [n for n in state if ".attn.q." in n]:
+        parts = [name.replace(".attn.q.", f".attn.{p}.") for p in "qkv"]
+        if all(p in state for p in parts):
+            state[name.replace(".attn.q.", ".attn.qkv.")] = torch.cat([state.pop(p) for p in parts])
+    return state
+
+
+def from_hf_checkpoint(model_class, config_class, convert, name_or_path, revision, overrides):
+    hf_config, tensors = load_pretrained(name_or_path, revision)
+    try:
+        cfg = config_class.from_hf(hf_config, **overrides)
+    except EmoError as e:
+        raise EmoError(f"{name_or_path}: {e}") from None
+    with torch.device("meta"):  # no time spent initialising weights that are about to be replaced
+        model = model_class(cfg)
+    return load_weights(model, convert(tensors), name_or_path)
+
+
+def load_weights(model, state, source):
+    """Load `state` into `model` (built on any device, even "meta"); fail with one line naming every misfit."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshaped = [f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k])})"
+                 for k in expected if k in state and state[k].shape != expected[k]]
+    problems = [f"{what}: {', '.join(names[:5])}" + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+                for what, names in (("missing", missing), ("wrong shape", misshaped), ("unexpected", unexpected))
+                if names]
+    if problems:
+        raise EmoError(f"{source} does not fit emo's {type(model).__name__}: " + "; ".join(problems))
+    model.load_state_dict({k: v.float().contiguous() for k, v in state.items()}, assign=True)
+    return model.eval()
