@@ -1,0 +1,119 @@
+"""Backbone benchmark: emo's ViT and Wav2Vec2 against transformers on the same random weights.
+
+Run as `python emo.py bench` (or `python tests/bench.py`). Everything is measured in one run:
+the forward throughput of both implementations, their ratio, the FLOPs of the forward (counted
+by torch's FlopCounterMode), and the machine's matrix-multiply peak (a large GEMM timed here, fp32
+on CPU, bf16 on GPU). On a GPU also MFU against the card's spec-sheet dense bf16 peak.
+"""
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hf_checkpoints as hf  # noqa: E402
+from models import ViT, Wav2Vec2  # noqa: E402
+
+# Dense bf16 tensor-core peaks from the vendors' spec sheets, TFLOP/s.
+GPU_PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "A10": 125, "4090": 165}
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_times(fns, device, repeats):
+    """Best wall time of each function; the runs alternate so that all see the same machine load."""
+    for fn in fns:  # warm-up: kernel selection, allocator, compilation
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, fn_times in zip(fns, times):
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            fn_times.append(time.perf_counter() - start)
+    return [min(t) for t in times]
+
+
+def gemm_peak(device, dtype, repeats):
+    """FLOP/s of the fastest of a few large square matrix products."""
+    best = 0.0
+    for n in ((2048, 4096) if device.type == "cpu" else (4096, 8192)):
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        best = max(best, 2 * n**3 / best_times([lambda: torch.mm(a, b)], device, repeats)[0])
+    return best
+
+
+def count_flops(fn):
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def spec_peak(device):
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in GPU_PEAK_TFLOPS.items() if key in name), None)
+
+
+def compare(label, unit, items, ours, reference, inputs, device, repeats, peak, compile):
+    """Time both models on the same inputs; print throughput, ratio, and efficiency."""
+    with torch.inference_mode():
+        flops = count_flops(lambda: ours(*inputs))
+        fns = [lambda: ours(*inputs), lambda: reference(*inputs)]
+        if compile:
+            compiled = torch.compile(ours)
+            fns.append(lambda: compiled(*inputs))
+        t_ours, t_ref, *t_compiled = best_times(fns, device, repeats)
+    line = (f"{label}: emo {items / t_ours:.2f} {unit}/s, transformers {items / t_ref:.2f} {unit}/s "
+            f"-> {t_ref / t_ours:.2f}x transformers; {flops / t_ours / 1e9:.1f} GFLOP/s = "
+            f"{flops / t_ours / peak:.0%} of the measured GEMM peak")
+    card = spec_peak(device) if device.type == "cuda" else None
+    if card:
+        line += f", MFU {flops / t_ours / card:.0%}"
+    print(line)
+    for t in t_compiled:
+        print(f"{label}, torch.compile: emo {items / t:.2f} {unit}/s -> {t_ref / t:.2f}x transformers"
+              + (f", MFU {flops / t / card:.0%}" if card else ""))
+    return t_ref / t_ours
+
+
+def run(device="cpu", repeats=3, compile=False, small=False):
+    device = torch.device(device)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    torch.manual_seed(0)
+    peak = gemm_peak(device, dtype, repeats)
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
+          f"{torch.get_num_threads()} threads, {str(dtype).removeprefix('torch.')}, torch {torch.__version__}")
+    print(f"measured GEMM peak: {peak / 1e9:.1f} GFLOP/s")
+
+    vit_config, vit_batch = (dict(), 2) if small else (hf.VIT_LARGE, 8)
+    w2v_config, seconds = (hf.TINY_W2V_LARGE, 1) if small else (hf.W2V_LARGE, 10)
+    with tempfile.TemporaryDirectory() as tmp:
+        reference = hf.dinov2(**vit_config, attn_implementation="sdpa")
+        ours = ViT.from_pretrained(hf.save(reference, Path(tmp) / "vit")).to(device, dtype)
+        reference.to(device, dtype)
+        images = torch.randn(vit_batch, 3, 224, 224, device=device, dtype=dtype)
+        name = "ViT (tiny)" if small else "ViT-L/14"
+        compare(f"{name} 224px batch {vit_batch}", "images", vit_batch, ours,
+                lambda x: reference(pixel_values=x).last_hidden_state, (images,), device, repeats, peak, compile)
+        del reference, ours
+
+        reference = hf.wav2vec2(**w2v_config, attn_implementation="sdpa")
+        ours = Wav2Vec2.from_pretrained(hf.save(reference, Path(tmp) / "w2v")).to(device, dtype)
+        reference.to(device, dtype)
+        wave = torch.randn(1, 16000 * seconds, device=device, dtype=dtype)
+        name = "Wav2Vec2 (tiny)" if small else "Wav2Vec2-large"
+        compare(f"{name} {seconds} s audio", "s audio", seconds, ours,
+                lambda w: reference(w).last_hidden_state, (wave,), device, repeats, peak, compile)
+
+
+if __name__ == "__main__":
+    sys.exit(__import__("emo").main(["bench", *sys.argv[1:]]))
