@@ -22,6 +22,23 @@ from emo import EmoError, load_pretrained
 
 # ------------------------------------------------------------------------------ building blocks
 
+def linear(x, weight, bias=None, gelu=False):
+    """F.linear, then exact GELU if asked.
+
+    On CPU in fp32 outside autograd this is one oneDNN call that adds the bias and applies the
+    GELU inside the matrix product (the kernel torch.compile's CPU backend uses), sparing the
+    separate passes over the output that PyTorch's eager ops make: about 8% of a ViT-L forward.
+    """
+    if (_onednn_linear is not None and x.device.type == "cpu" and x.dtype == torch.float32
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return _onednn_linear(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
+    x = F.linear(x, weight, bias)
+    return F.gelu(x) if gelu else x
+
+
+_onednn_linear = torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused q/k/v projection, through scaled_dot_product_attention."""
 
@@ -34,9 +51,10 @@ class Attention(nn.Module):
     def forward(self, x, mask=None):
         """x: (batch, tokens, dim); mask: None or bool (batch, 1, 1, tokens), True = attend to that key."""
         batch, tokens, dim = x.shape
-        q, k, v = self.qkv(x).view(batch, tokens, 3, self.num_heads, -1).transpose(1, 3).unbind(2)
+        qkv = linear(x, self.qkv.weight, self.qkv.bias)
+        q, k, v = qkv.view(batch, tokens, 3, self.num_heads, -1).transpose(1, 3).unbind(2)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(x.transpose(1, 2).reshape(batch, tokens, dim))
+        return linear(x.transpose(1, 2).reshape(batch, tokens, dim), self.proj.weight, self.proj.bias)
 
 
 class Mlp(nn.Module):
@@ -49,18 +67,17 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        x = self.fc1(x)
         if self.swiglu:
-            gate, x = x.chunk(2, dim=-1)
+            gate, x = linear(x, self.fc1.weight, self.fc1.bias).chunk(2, dim=-1)
             x = F.silu(gate) * x
         else:
-            x = gelu(x)
-        return self.fc2(x)
+            x = linear(x, self.fc1.weight, self.fc1.bias, gelu=True)
+        return linear(x, self.fc2.weight, self.fc2.bias)
 
 
 def gelu(x):
-    """Exact GELU; in place when autograd does not need the input, which spares allocating (and
-    page-faulting) another copy of the widest activations."""
+    """Exact GELU, in place where autograd does not need the input: one fewer large activation
+    to allocate and fault in."""
     return F.gelu(x) if x.requires_grad else torch.ops.aten.gelu_(x)
 
 
@@ -268,12 +285,12 @@ class ConvLayer(nn.Module):
 
     def forward(self, x):
         windows = x.unfold(1, self.conv.kernel_size[0], self.conv.stride[0]).flatten(2)
-        x = F.linear(windows, self.conv.weight.flatten(1), self.conv.bias)
+        x = linear(windows, self.conv.weight.flatten(1), self.conv.bias, gelu=self.norm is None)
         if isinstance(self.norm, nn.GroupNorm):  # each channel over time
-            x = self.norm(x.transpose(1, 2)).transpose(1, 2)
-        elif self.norm is not None:
-            x = self.norm(x)
-        return gelu(x)
+            return gelu(self.norm(x.transpose(1, 2)).transpose(1, 2))
+        if isinstance(self.norm, nn.LayerNorm):
+            return gelu(self.norm(x))
+        return x
 
 
 class EncoderLayer(nn.Module):
@@ -336,7 +353,7 @@ class Wav2Vec2(nn.Module):
         x = wave[:, :, None]
         for layer in self.conv_layers:
             x = layer(x)
-        x = self.proj(self.proj_norm(x))
+        x = linear(self.proj_norm(x), self.proj.weight, self.proj.bias)
         mask = None
         if attention_mask is not None:
             valid = torch.arange(x.shape[1], device=x.device) < self.num_steps(attention_mask.sum(-1))[:, None]

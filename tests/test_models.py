@@ -46,6 +46,8 @@ def test_vit_matches_transformers(tmp_path, variant, height, width):
         got = ours(x)
     assert got.shape == expected.shape
     assert max_diff(got, expected) <= TOLERANCE
+    # With autograd on, the forward takes PyTorch's own ops rather than the fused CPU kernels.
+    assert max_diff(ours.requires_grad_(True)(x), expected) <= TOLERANCE
 
 
 def test_vit_large_full_config(tmp_path):
@@ -108,10 +110,11 @@ def waves(lengths, seed=2):
     return batch, mask
 
 
-def assert_same_outputs(ours, reference, wave, mask=None):
+def assert_same_outputs(ours, reference, wave, mask=None, autograd=False):
     with torch.no_grad():
         expected = reference(wave, attention_mask=mask, output_hidden_states=True)
-        last, hidden_states = ours(wave, attention_mask=mask)
+    with torch.set_grad_enabled(autograd):  # with autograd, PyTorch's own ops instead of fused CPU kernels
+        last, hidden_states = ours.requires_grad_(autograd)(wave, attention_mask=mask)
     assert last.shape == expected.last_hidden_state.shape
     assert len(hidden_states) == len(expected.hidden_states)
     if mask is None:
@@ -136,6 +139,7 @@ def test_wav2vec2_matches_transformers(tmp_path, style, spelling):
     ours = Wav2Vec2.from_pretrained(directory)
     wave, _ = waves([16000])
     assert_same_outputs(ours, reference, wave)
+    assert_same_outputs(ours, reference, wave, autograd=True)
 
 
 @pytest.mark.parametrize("style", ["base", "large"])
