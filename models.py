@@ -36,7 +36,13 @@ def linear(x, weight, bias=None, gelu=False):
     return F.gelu(x) if gelu else x
 
 
-_onednn_linear = torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
+_onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+
+
+def gelu(x):
+    """Exact GELU, in place where autograd does not need the input: one fewer large activation
+    to allocate and fault in."""
+    return F.gelu(x) if x.requires_grad else torch.ops.aten.gelu_(x)
 
 
 class Attention(nn.Module):
@@ -75,12 +81,6 @@ class Mlp(nn.Module):
         return linear(x, self.fc2.weight, self.fc2.bias)
 
 
-def gelu(x):
-    """Exact GELU, in place where autograd does not need the input: one fewer large activation
-    to allocate and fault in."""
-    return F.gelu(x) if x.requires_grad else torch.ops.aten.gelu_(x)
-
-
 def drop_path(x, rate, training):
     """Stochastic depth: zero a whole sample's residual branch with probability `rate`."""
     if rate == 0.0 or not training:
@@ -93,6 +93,7 @@ def drop_path(x, rate, training):
 
 @dataclass
 class ViTConfig:
+    """Defaults are facebook/dinov2-large's."""
     hidden_size: int = 1024
     num_hidden_layers: int = 24
     num_attention_heads: int = 16
@@ -158,9 +159,11 @@ class ViT(nn.Module):
         self.patch_embed = nn.Conv2d(cfg.num_channels, dim, cfg.patch_size, cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, dim))
-        self.register_tokens = nn.Parameter(torch.zeros(1, cfg.num_register_tokens, dim)) if cfg.num_register_tokens else None
+        registers = cfg.num_register_tokens
+        self.register_tokens = nn.Parameter(torch.zeros(1, registers, dim)) if registers else None
         last = max(cfg.num_hidden_layers - 1, 1)
-        self.blocks = nn.ModuleList(ViTBlock(cfg, cfg.drop_path_rate * i / last) for i in range(cfg.num_hidden_layers))
+        self.blocks = nn.ModuleList(ViTBlock(cfg, cfg.drop_path_rate * i / last)
+                                    for i in range(cfg.num_hidden_layers))
         self.norm = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         self.gradient_checkpointing = False  # recompute each block in the backward pass to save memory
 
@@ -172,7 +175,7 @@ class ViT(nn.Module):
     def freeze(self, num_blocks):
         """Stop training the patch embedding, tokens, position table and the first num_blocks blocks."""
         frozen = [self.patch_embed, *self.blocks[:num_blocks]]
-        tokens = [self.cls_token, self.pos_embed] + ([self.register_tokens] if self.cfg.num_register_tokens else [])
+        tokens = [self.cls_token, self.pos_embed] + ([self.register_tokens] if self.register_tokens is not None else [])
         for tensor in tokens + [p for module in frozen for p in module.parameters()]:
             tensor.requires_grad_(False)
 
@@ -238,6 +241,7 @@ def vit_state_dict_from_hf(tensors):
 
 @dataclass
 class Wav2Vec2Config:
+    """Defaults are transformers' (the base model's)."""
     hidden_size: int = 768
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
@@ -326,9 +330,9 @@ class Wav2Vec2(nn.Module):
         super().__init__()
         self.cfg = cfg
         dims = (1, *cfg.conv_dim)
-        norms = ["layer"] * len(cfg.conv_dim) if cfg.feat_extract_norm == "layer" else ["group"] + [None] * (len(cfg.conv_dim) - 1)
         self.conv_layers = nn.ModuleList(
-            ConvLayer(dims[i], dims[i + 1], cfg.conv_kernel[i], cfg.conv_stride[i], cfg.conv_bias, norms[i])
+            ConvLayer(dims[i], dims[i + 1], cfg.conv_kernel[i], cfg.conv_stride[i], cfg.conv_bias,
+                      norm="layer" if cfg.feat_extract_norm == "layer" else "group" if i == 0 else None)
             for i in range(len(cfg.conv_dim)))
         self.proj_norm = nn.LayerNorm(cfg.conv_dim[-1], eps=cfg.layer_norm_eps)
         self.proj = nn.Linear(cfg.conv_dim[-1], cfg.hidden_size)

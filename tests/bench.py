@@ -57,9 +57,18 @@ def linear_flops(x_shape, w_shape, *args, **kwargs):
     return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]
 
 
+def attention_flops(q_shape, k_shape, v_shape, *args, **kwargs):
+    batch, heads, queries, dim = q_shape
+    return 2 * batch * heads * queries * k_shape[2] * (dim + v_shape[3])
+
+
+# FlopCounterMode knows aten's matrix products and GPU attention, not these two CPU kernels.
+MORE_FLOP_FORMULAS = {torch.ops.mkldnn._linear_pointwise: linear_flops,
+                      torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: attention_flops}
+
+
 def count_flops(fn):
-    # FlopCounterMode knows aten's matrix products; emo's fused CPU linear is a oneDNN op.
-    with FlopCounterMode(display=False, custom_mapping={torch.ops.mkldnn._linear_pointwise: linear_flops}) as counter:
+    with FlopCounterMode(display=False, custom_mapping=MORE_FLOP_FORMULAS) as counter:
         fn()
     return counter.get_total_flops()
 

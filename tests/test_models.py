@@ -85,7 +85,6 @@ def test_vit_training_switches(tmp_path):
     assert max_diff(ours(x), ours(x)) == 0
 
     # Gradient checkpointing changes memory, not gradients.
-    ours.drop_path_rate = 0.0
     for block in ours.blocks:
         block.drop_path_rate = 0.0
     ours.train()
