@@ -1,6 +1,7 @@
 """models.py against transformers: same weights, same input, fp32, max abs difference <= 1e-4."""
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import Dinov2ForImageClassification, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 
 import hf_checkpoints as hf
@@ -193,6 +194,26 @@ def test_load_through_hub_cache_offline(tmp_path):
         ViT.from_pretrained("facebook/dinov2-large")
 
 
+def test_load_sharded_and_pickle_free_bin_checkpoints(tmp_path):
+    reference = hf.dinov2()
+    x = images(98, 98)
+    with torch.no_grad():
+        expected = reference(pixel_values=x).last_hidden_state
+
+    sharded = tmp_path / "sharded"
+    reference.save_pretrained(sharded, max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").exists() and not (sharded / "model.safetensors").exists()
+    with torch.no_grad():
+        assert max_diff(ViT.from_pretrained(sharded)(x), expected) <= TOLERANCE
+
+    # A repo with only pytorch_model.bin is read with torch.load(weights_only=True).
+    bin_only = hf.save(reference, tmp_path / "bin")
+    torch.save(load_file(bin_only / "model.safetensors"), bin_only / "pytorch_model.bin")
+    (bin_only / "model.safetensors").unlink()
+    with torch.no_grad():
+        assert max_diff(ViT.from_pretrained(bin_only)(x), expected) <= TOLERANCE
+
+
 def test_bad_checkpoints_fail_with_one_clear_line(tmp_path):
     directory = hf.save(hf.dinov2(), tmp_path / "vit")
     weights = directory / "model.safetensors"
@@ -220,7 +241,6 @@ def test_bad_checkpoints_fail_with_one_clear_line(tmp_path):
     assert "unexpected: blocks.1." in message()
     hf.edit_config(directory, num_hidden_layers=2)
 
-    from safetensors.torch import load_file, save_file
     tensors = load_file(weights)
     del tensors["encoder.layer.1.norm2.weight"]
     save_file(tensors, weights)
