@@ -179,10 +179,6 @@ class ViT(nn.Module):
         for tensor in tokens + [p for module in frozen for p in module.parameters()]:
             tensor.requires_grad_(False)
 
-    @property
-    def num_prefix_tokens(self):
-        return 1 + self.cfg.num_register_tokens
-
     def position_embeddings(self, grid_h, grid_w):
         table = self.pos_embed
         side = math.isqrt(table.shape[1] - 1)
