@@ -128,6 +128,27 @@ def read_safetensors(path):
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
+def model_source(name_or_path, revision=None):
+    """(fetch, where) for a local model directory or a Hugging Face hub repo id: fetch(filename)
+    gives the file's local path (downloaded into the hub cache if need be) or None if it is absent;
+    `where` names the source in messages."""
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        return (lambda filename: local / filename if (local / filename).is_file() else None), str(local)
+    if local.exists():
+        raise EmoError(f"{name_or_path} is not a model directory")
+    if str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:  # a path, not a repo id
+        raise EmoError(f"{name_or_path} does not exist")
+    where = f"{name_or_path}" + (f" (revision {revision})" if revision else "")
+    return _hub_fetcher(str(name_or_path), revision), where
+
+
+def _no_weights(where, filenames, name_or_path):
+    hub = not Path(name_or_path).expanduser().is_dir()
+    return EmoError(f"{where} has no weights: looked for {', '.join(filenames)}"
+                    + (" in the hub and, offline, in the Hugging Face cache" if hub else ""))
+
+
 def load_pretrained(name_or_path, revision=None):
     """(config dict, tensors) of a Hugging Face model: a local directory or a hub repo id.
 
@@ -135,17 +156,7 @@ def load_pretrained(name_or_path, revision=None):
     users expect. Weights come from safetensors; a repo that only has `pytorch_model.bin` is read
     with torch.load(weights_only=True), which cannot run code.
     """
-    local = Path(name_or_path).expanduser()
-    if local.is_dir():
-        def fetch(filename):
-            return local / filename if (local / filename).is_file() else None
-        where = str(local)
-    elif local.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
-        raise EmoError(f"{name_or_path} is not a model directory (expected config.json and model.safetensors)")
-    else:
-        fetch = _hub_fetcher(str(name_or_path), revision)
-        where = f"{name_or_path}" + (f" (revision {revision})" if revision else "")
-
+    fetch, where = model_source(name_or_path, revision)
     config_file = fetch("config.json")
     if config_file is None:
         raise EmoError(f"{where} has no config.json")
@@ -164,13 +175,29 @@ def load_pretrained(name_or_path, revision=None):
                 tensors.update(read_safetensors(shard_file))
             return config, tensors
         if filename.endswith(".bin"):
-            try:
-                return config, torch.load(weights_file, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise EmoError(f"{weights_file} is not a readable weights file ({e})") from None
+            return config, read_torch_weights(weights_file)
         return config, read_safetensors(weights_file)
-    raise EmoError(f"{where} has no weights: looked for {', '.join(WEIGHT_FILES)}"
-                   + ("" if local.is_dir() else " in the hub and, offline, in the Hugging Face cache"))
+    raise _no_weights(where, WEIGHT_FILES, name_or_path)
+
+
+def fetch_weights_file(name_or_path, filenames, revision=None):
+    """Path of a weights file: `name_or_path` itself if it is a file, else the first of `filenames`
+    found in that local directory or hub repo (the later ones are not downloaded)."""
+    if Path(name_or_path).expanduser().is_file():
+        return Path(name_or_path).expanduser()
+    fetch, where = model_source(name_or_path, revision)
+    found = next((path for path in map(fetch, filenames) if path is not None), None)
+    if found is None:
+        raise _no_weights(where, filenames, name_or_path)
+    return found
+
+
+def read_torch_weights(path):
+    """A .bin / .pth state dict through torch.load(weights_only=True), which cannot run code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise EmoError(f"{path} is not a readable weights file ({e})") from None
 
 
 def _hub_fetcher(repo_id, revision):

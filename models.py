@@ -1,11 +1,11 @@
 """The networks of emo, in plain PyTorch.
 
-    ViT       DINOv2 image encoder (small/base/large/giant, with or without registers)
-    Wav2Vec2  wav2vec 2.0 speech encoder (base-style and large-LV60-style)
+    ViT         DINOv2 image encoder (small/base/large/giant, with or without registers)
+    Wav2Vec2    wav2vec 2.0 speech encoder (base-style and large-LV60-style)
+    RetinaFace  face detector (MobileNet-0.25 or ResNet-34 backbone), boxes and 5 landmarks
 
-Each loads a Hugging Face checkpoint (config.json + model.safetensors) with
-`Model.from_pretrained(name_or_path, revision=None)`, from a local directory or a hub repo id,
-and computes what transformers computes for it. The classes themselves depend only on torch:
+Each loads its checkpoint with `Model.from_pretrained(name_or_path, revision=None)`, from a local
+directory or a hub repo id; the encoders compute what transformers computes for them. The classes themselves depend only on torch:
 copy one into your project and build it from its config dataclass.
 """
 import math
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from emo import EmoError, load_pretrained
+from emo import EmoError, fetch_weights_file, load_pretrained, read_safetensors, read_torch_weights
 
 
 # ------------------------------------------------------------------------------ building blocks
@@ -422,6 +422,298 @@ def wav2vec2_state_dict_from_hf(tensors):
     return fuse_qkv(state)
 
 
+# ---------------------------------------------------------------------------------- RetinaFace
+
+@dataclass
+class RetinaFaceConfig:
+    """Defaults are biubug6/Pytorch_Retinaface's MobileNet-0.25 model."""
+    backbone: str = "mobilenet0.25"          # or "resnet34"
+    out_channels: int = 64                   # width of the FPN, SSH modules and heads
+    landmarks: bool = True                   # whether the checkpoint has the 5-landmark head
+    anchors_per_location: int = 2
+    min_sizes: tuple = ((16, 32), (64, 128), (256, 512))  # anchor sides in pixels, per pyramid level
+    steps: tuple = (8, 16, 32)               # pyramid level strides
+    variances: tuple = (0.1, 0.2)            # box encoding: centre offsets, log sizes
+    channel_order: str = "bgr"               # the channel order the network was trained on (OpenCV's)
+    pixel_mean: tuple = (104.0, 117.0, 123.0)  # subtracted per channel, in channel_order; no scaling
+
+
+BACKBONE_CHANNELS = {"mobilenet0.25": (64, 128, 256), "resnet34": (128, 256, 512)}
+
+
+def conv_bn(in_channels, out_channels, kernel=3, stride=1, groups=1, slope=None):
+    """Conv (no bias), BatchNorm and, if slope is given, LeakyReLU: indices 0, 1, 2 as in the checkpoints."""
+    layers = [nn.Conv2d(in_channels, out_channels, kernel, stride, kernel // 2, groups=groups, bias=False),
+              nn.BatchNorm2d(out_channels)]
+    if slope is not None:
+        layers.append(nn.LeakyReLU(slope, inplace=True))
+    return nn.Sequential(*layers)
+
+
+def depthwise_separable(in_channels, out_channels, stride):
+    """3x3 depthwise then 1x1 pointwise, each with BatchNorm and LeakyReLU(0.1), as one flat Sequential."""
+    return nn.Sequential(*conv_bn(in_channels, in_channels, 3, stride, groups=in_channels, slope=0.1),
+                         *conv_bn(in_channels, out_channels, 1, slope=0.1))
+
+
+class MobileNetBody(nn.Module):
+    """MobileNet-V1 at width 0.25; returns the stride-8, -16 and -32 feature maps."""
+
+    def __init__(self):
+        super().__init__()
+        self.stage1 = nn.Sequential(conv_bn(3, 8, 3, 2, slope=0.1), depthwise_separable(8, 16, 1),
+                                    depthwise_separable(16, 32, 2), depthwise_separable(32, 32, 1),
+                                    depthwise_separable(32, 64, 2), depthwise_separable(64, 64, 1))
+        self.stage2 = nn.Sequential(depthwise_separable(64, 128, 2),
+                                    *(depthwise_separable(128, 128, 1) for _ in range(5)))
+        self.stage3 = nn.Sequential(depthwise_separable(128, 256, 2), depthwise_separable(256, 256, 1))
+
+    def forward(self, x):
+        c3 = self.stage1(x)
+        c4 = self.stage2(c3)
+        return [c3, c4, self.stage3(c4)]
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock: two 3x3 convs and a (projected where the shape changes) shortcut."""
+
+    def __init__(self, in_channels, out_channels, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.downsample = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                                            nn.BatchNorm2d(out_channels))
+
+    def forward(self, x):
+        y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)), inplace=True)))
+        return F.relu(y + (x if self.downsample is None else self.downsample(x)), inplace=True)
+
+
+class ResNet34Body(nn.Module):
+    """ResNet-34 in torchvision's layout without its classifier; returns layer2, layer3 and layer4's maps."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        widths, depths = (64, 128, 256, 512), (3, 4, 6, 3)
+        for i, (width, depth) in enumerate(zip(widths, depths)):
+            in_channels, stride = (64, 1) if i == 0 else (widths[i - 1], 2)
+            blocks = [BasicBlock(in_channels, width, stride)] + [BasicBlock(width, width, 1) for _ in range(depth - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x)), inplace=True), 3, 2, 1)
+        c3 = self.layer2(self.layer1(x))
+        c4 = self.layer3(c3)
+        return [c3, c4, self.layer4(c4)]
+
+
+class FPN(nn.Module):
+    """Feature pyramid: 1x1 lateral convs, top-down nearest upsampling, 3x3 merge convs."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        slope = 0.1 if out_channels <= 64 else 0.0  # the original's rule: LeakyReLU only for the narrow model
+        self.output1, self.output2, self.output3 = (conv_bn(c, out_channels, 1, slope=slope) for c in in_channels)
+        self.merge1 = conv_bn(out_channels, out_channels, 3, slope=slope)
+        self.merge2 = conv_bn(out_channels, out_channels, 3, slope=slope)
+
+    def forward(self, features):
+        p3, p4, p5 = self.output1(features[0]), self.output2(features[1]), self.output3(features[2])
+        p4 = self.merge2(p4 + F.interpolate(p5, size=p4.shape[-2:], mode="nearest"))
+        p3 = self.merge1(p3 + F.interpolate(p4, size=p3.shape[-2:], mode="nearest"))
+        return [p3, p4, p5]
+
+
+class SSH(nn.Module):
+    """Single Stage Headless context module: 3x3, 5x5-like and 7x7-like branches, concatenated, ReLU."""
+
+    def __init__(self, channels):
+        super().__init__()
+        slope = 0.1 if channels <= 64 else 0.0
+        quarter = channels // 4
+        self.conv3X3 = conv_bn(channels, channels // 2)
+        self.conv5X5_1 = conv_bn(channels, quarter, slope=slope)
+        self.conv5X5_2 = conv_bn(quarter, quarter)
+        self.conv7X7_2 = conv_bn(quarter, quarter, slope=slope)
+        self.conv7x7_3 = conv_bn(quarter, quarter)
+
+    def forward(self, x):
+        shared = self.conv5X5_1(x)  # the 7x7 branch starts from the 5x5 branch's first conv
+        branches = [self.conv3X3(x), self.conv5X5_2(shared), self.conv7x7_3(self.conv7X7_2(shared))]
+        return F.relu(torch.cat(branches, dim=1), inplace=True)
+
+
+class AnchorHead(nn.Module):
+    """1x1 conv giving `values` numbers per anchor; (batch, C, H, W) -> (batch, H*W*anchors, values)."""
+
+    def __init__(self, in_channels, anchors, values):
+        super().__init__()
+        self.values = values
+        self.conv1x1 = nn.Conv2d(in_channels, anchors * values, 1)
+
+    def forward(self, x):
+        return self.conv1x1(x).permute(0, 2, 3, 1).reshape(len(x), -1, self.values)
+
+
+@dataclass
+class Faces:
+    """The faces found in one frame, best first, in frame pixels."""
+    boxes: torch.Tensor      # (K, 4) x1, y1, x2, y2
+    scores: torch.Tensor     # (K,)
+    landmarks: torch.Tensor  # (K, 5, 2) x, y of the eyes, the nose tip and the mouth corners; NaN without the head
+
+
+class RetinaFace(nn.Module):
+    """RetinaFace face detector (Deng et al. 2019) in the layout of biubug6/Pytorch_Retinaface's checkpoints.
+
+    retinaface(images) -> (box regressions (N, A, 4), (background, face) probabilities (N, A, 2),
+    landmark regressions (N, A, 10)) for the A anchors; `detect` turns frames into Faces.
+    """
+
+    def __init__(self, cfg: RetinaFaceConfig):
+        super().__init__()
+        if cfg.backbone not in BACKBONE_CHANNELS:
+            raise EmoError(f"unknown RetinaFace backbone {cfg.backbone!r} (emo has {', '.join(BACKBONE_CHANNELS)})")
+        self.cfg = cfg
+        self.body = MobileNetBody() if cfg.backbone == "mobilenet0.25" else ResNet34Body()
+        self.fpn = FPN(BACKBONE_CHANNELS[cfg.backbone], cfg.out_channels)
+        self.ssh1, self.ssh2, self.ssh3 = (SSH(cfg.out_channels) for _ in range(3))
+        anchors = cfg.anchors_per_location
+        self.ClassHead = nn.ModuleList(AnchorHead(cfg.out_channels, anchors, 2) for _ in range(3))
+        self.BboxHead = nn.ModuleList(AnchorHead(cfg.out_channels, anchors, 4) for _ in range(3))
+        if cfg.landmarks:
+            self.LandmarkHead = nn.ModuleList(AnchorHead(cfg.out_channels, anchors, 10) for _ in range(3))
+        self._anchors = {}  # (height, width, device) -> anchors
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, revision=None, backbone=None):
+        """Load a checkpoint: a .safetensors or .pth file, or a local directory or hub repo holding
+        model.safetensors or mobilenet0.25_Final.pth. The backbone and widths are read from the
+        tensors unless `backbone` ("mobilenet0.25" or "resnet34") is given."""
+        path = fetch_weights_file(name_or_path, RETINAFACE_WEIGHT_FILES, revision)
+        tensors = read_safetensors(path) if path.suffix == ".safetensors" else read_torch_weights(path)
+        if not isinstance(tensors, dict):
+            raise EmoError(f"{path} holds a {type(tensors).__name__}, not a state dict of RetinaFace weights")
+        state = retinaface_state_dict(tensors)
+        with torch.device("meta"):
+            model = cls(retinaface_config_from_state(state, backbone))
+        return load_weights(model, state, str(path))
+
+    def forward(self, images):
+        """images: (N, 3, H, W) float, already in the network's channel order less its pixel mean."""
+        features = self.fpn(self.body(images))
+        features = [ssh(f) for ssh, f in zip((self.ssh1, self.ssh2, self.ssh3), features)]
+        boxes = torch.cat([head(f) for head, f in zip(self.BboxHead, features)], dim=1)
+        scores = torch.cat([head(f) for head, f in zip(self.ClassHead, features)], dim=1).softmax(-1)
+        if self.cfg.landmarks:
+            landmarks = torch.cat([head(f) for head, f in zip(self.LandmarkHead, features)], dim=1)
+        else:
+            landmarks = boxes.new_full((*boxes.shape[:2], 10), float("nan"))
+        return boxes, scores, landmarks
+
+    def preprocess(self, frames):
+        """uint8 RGB frames (N, H, W, 3) or (N, 3, H, W) -> the network's float input (N, 3, H, W)."""
+        if frames.ndim != 4 or 3 not in (frames.shape[1], frames.shape[3]):
+            raise ValueError(f"expected RGB frames (N, H, W, 3) or (N, 3, H, W), got shape {tuple(frames.shape)}")
+        weight = next(self.parameters())
+        x = frames.to(weight.device)
+        if x.shape[3] == 3:  # channels last, as decoders give them (and the reading of an ambiguous shape)
+            x = x.permute(0, 3, 1, 2)
+        if self.cfg.channel_order == "bgr":
+            x = x.flip(1)
+        mean = torch.tensor(self.cfg.pixel_mean, dtype=weight.dtype, device=weight.device).view(1, 3, 1, 1)
+        return x.to(weight.dtype) - mean
+
+    def anchors(self, height, width, device):
+        """(A, 4) anchor boxes, centre x, centre y, width, height in pixels, in the heads' order:
+        level, row, column, size. Cached per input size."""
+        key = (height, width, str(device))
+        if key not in self._anchors:
+            levels = []
+            for step, sizes in zip(self.cfg.steps, self.cfg.min_sizes):
+                rows, cols = math.ceil(height / step), math.ceil(width / step)
+                cy = (torch.arange(rows, dtype=torch.float32, device=device) + 0.5) * step
+                cx = (torch.arange(cols, dtype=torch.float32, device=device) + 0.5) * step
+                side = torch.tensor(sizes, dtype=torch.float32, device=device)
+                shape = (rows, cols, len(sizes))
+                levels.append(torch.stack([cx.view(1, -1, 1).expand(shape), cy.view(-1, 1, 1).expand(shape),
+                                           side.expand(shape), side.expand(shape)], dim=-1).reshape(-1, 4))
+            self._anchors[key] = torch.cat(levels)
+        return self._anchors[key]
+
+    def decode(self, boxes, landmarks, anchors):
+        """Regressions -> (boxes (..., 4) x1 y1 x2 y2, landmarks (..., 5, 2)) in pixels."""
+        centre_var, size_var = self.cfg.variances
+        centres, sides = anchors[:, :2], anchors[:, 2:]
+        box_centres = centres + boxes[..., :2] * centre_var * sides
+        box_sides = sides * torch.exp(boxes[..., 2:] * size_var)
+        corners = torch.cat([box_centres - box_sides / 2, box_centres + box_sides / 2], dim=-1)
+        points = centres.unsqueeze(-2) + landmarks.unflatten(-1, (5, 2)) * centre_var * sides.unsqueeze(-2)
+        return corners, points
+
+    @torch.inference_mode()
+    def detect(self, frames, score_threshold=0.5, nms_iou=0.4, min_size=30):
+        """Faces in each of a batch of uint8 RGB frames, (N, H, W, 3) or (N, 3, H, W), in one forward.
+
+        A candidate needs a face probability >= score_threshold and both box sides >= min_size
+        pixels; overlapping candidates in a frame are merged by non-maximum suppression at nms_iou.
+        Returns one Faces per frame.
+        """
+        from torchvision.ops import batched_nms
+        x = self.preprocess(frames)
+        boxes, scores, landmarks = (output.float() for output in self(x))  # decoded in fp32 whatever the model's
+        boxes, landmarks = self.decode(boxes, landmarks, self.anchors(*x.shape[-2:], x.device))
+        scores = scores[..., 1]
+        sides = boxes[..., 2:] - boxes[..., :2]
+        frame, anchor = torch.nonzero((scores >= score_threshold) & (sides.min(-1).values >= min_size), as_tuple=True)
+        keep = batched_nms(boxes[frame, anchor], scores[frame, anchor], frame, nms_iou)  # by falling score
+        keep = keep[torch.sort(frame[keep], stable=True).indices]  # grouped by frame, still best first
+        frame, anchor = frame[keep], anchor[keep]
+        counts = torch.bincount(frame, minlength=len(x)).tolist()
+        return [Faces(*parts) for parts in zip(boxes[frame, anchor].split(counts), scores[frame, anchor].split(counts),
+                                                landmarks[frame, anchor].split(counts))]
+
+
+RETINAFACE_WEIGHT_FILES = ("model.safetensors", "mobilenet0.25_Final.pth", "pytorch_model.bin")
+
+
+def retinaface_state_dict(tensors):
+    """emo RetinaFace state dict from a biubug6-layout checkpoint or py-feat's.
+
+    Takes off DataParallel's `module.` prefix, unwraps a {"state_dict": ...} training checkpoint,
+    renames py-feat's heads (`ClassHead._convs.0.` -> `ClassHead.0.conv1x1.`) and resets BatchNorm's
+    batch counters, which inference never reads and some checkpoints lack.
+    """
+    if isinstance(tensors, dict) and isinstance(tensors.get("state_dict"), dict):
+        tensors = tensors["state_dict"]
+    state = {}
+    for name, tensor in tensors.items():
+        name = name.removeprefix("module.")
+        name = re.sub(r"^(ClassHead|BboxHead|LandmarkHead)\._convs\.(\d+)\.", r"\1.\2.conv1x1.", name)
+        if not name.endswith(".num_batches_tracked"):
+            state[name] = tensor
+    for name in [n for n in state if n.endswith(".running_mean")]:
+        state[name.replace(".running_mean", ".num_batches_tracked")] = torch.zeros((), dtype=torch.long)
+    return state
+
+
+def retinaface_config_from_state(state, backbone=None):
+    """The RetinaFaceConfig a state dict was trained with; its shapes are checked when it loads."""
+    if backbone is None:
+        backbone = "resnet34" if any(n.startswith("body.layer1.") for n in state) else "mobilenet0.25"
+    lateral = state.get("fpn.output1.0.weight")
+    out_channels = lateral.shape[0] if lateral is not None else 64 if backbone == "mobilenet0.25" else 256
+    has_heads = any(n.startswith(("ClassHead.", "BboxHead.")) for n in state)
+    landmarks = any(n.startswith("LandmarkHead.") for n in state) or not has_heads
+    return RetinaFaceConfig(backbone=backbone, out_channels=out_channels, landmarks=landmarks)
+
+
 # ------------------------------------------------------------------------------ loading weights
 
 def rename_from_hf(tensors, renames, prefix, backbone, ignore=None):
@@ -475,5 +767,6 @@ def load_weights(model, state, source):
                 if names]
     if problems:
         raise EmoError(f"{source} does not fit emo's {type(model).__name__}: " + "; ".join(problems))
-    model.load_state_dict({k: v.float().contiguous() for k, v in state.items()}, assign=True)
+    state = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    model.load_state_dict(state, assign=True)
     return model.eval()

@@ -1,0 +1,876 @@
+"""Video and audio decoding, face tracks and crops, frame-aligned audio features, and a
+synthetic dataset in the real ABAW / Aff-Wild2 layouts.
+
+    python data.py probe VIDEO              # fps, frame count, size, rotation, audio: as JSON
+    python data.py synth OUT --seed 0       # a small seeded dataset: videos, annotations, crops, images
+
+Decoding streams through PyAV, so memory stays bounded whatever the video length:
+`iter_frames` yields batches of RGB frames (display rotation applied) with their true
+presentation times, and `read_audio` gives the mono 16 kHz waveform (empty, with has_audio
+False, for a video without sound).
+"""
+import argparse
+import json
+import math
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchaudio.functional
+from PIL import Image, ImageDraw, ImageFilter
+from torchvision.ops import box_iou, roi_align
+from tqdm import tqdm
+
+from emo import CLASSES, IGNORE_LABEL, EmoError, atomic_path, save_json
+from models import normalize_waveform
+
+SAMPLE_RATE = 16000  # what wav2vec 2.0 expects
+ABAW_HEADER = ",".join(CLASSES)
+
+# ------------------------------------------------------------------------------------ decoding
+
+
+@dataclass
+class VideoInfo:
+    path: str
+    fps: float             # the stream's average frame rate
+    frames: int            # exact when the container records it, else duration * fps
+    frames_exact: bool
+    duration: float        # seconds
+    width: int             # as displayed, after rotation
+    height: int
+    rotation: int          # degrees counter-clockwise to display the coded picture: 0, 90, 180, 270
+    has_audio: bool
+
+
+def _open(path):
+    """Open a media file with PyAV, turning every way it can fail into one EmoError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise EmoError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
+    try:
+        return av.open(str(path))
+    except av.FFmpegError as e:
+        raise EmoError(f"{path} is not a readable video ({_reason(e)}); "
+                       "check that the file is complete, or re-encode it (e.g. to H.264 .mp4)") from None
+
+
+def _reason(error):
+    text = getattr(error, "strerror", None) or str(error)
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _video_stream(container, path):
+    if not container.streams.video:
+        container.close()
+        raise EmoError(f"{path} has no video stream (audio only?); pass a video file")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    return stream
+
+
+def _rotation(frame, stream):
+    """The frame's display rotation, counter-clockwise, snapped to 0/90/180/270.
+
+    It comes from the display matrix; old files that only carry a `rotate` tag (clockwise
+    degrees) are read from the tag.
+    """
+    degrees = frame.rotation or 0
+    if not degrees:
+        try:
+            degrees = -float(stream.metadata.get("rotate", 0))
+        except ValueError:
+            degrees = 0
+    return int(round(degrees / 90.0)) % 4 * 90
+
+
+def probe(path):
+    """VideoInfo of a video file. Decodes one frame, to read the rotation and check the codec."""
+    container = _open(path)
+    try:
+        stream = _video_stream(container, path)
+        fps = float(stream.average_rate or stream.guessed_rate or stream.base_rate or 0)
+        if stream.duration is not None and stream.time_base is not None:
+            duration = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            duration = container.duration / av.time_base
+        else:
+            duration = 0.0
+        frames_exact = bool(stream.frames)
+        frames = int(stream.frames) if frames_exact else int(round(duration * fps))
+        first = next(container.decode(stream), None)
+        if first is None:
+            raise EmoError(f"{path} has a video stream without any decodable frame; re-encode it")
+        rotation = _rotation(first, stream)
+        width, height = (first.height, first.width) if rotation in (90, 270) else (first.width, first.height)
+        return VideoInfo(path=str(path), fps=fps, frames=frames, frames_exact=frames_exact,
+                         duration=duration, width=width, height=height, rotation=rotation,
+                         has_audio=bool(container.streams.audio))
+    except av.FFmpegError as e:
+        raise EmoError(f"{path} cannot be decoded ({_reason(e)}); the file may be damaged, "
+                       "re-encode or download it again") from None
+    finally:
+        container.close()
+
+
+def iter_frames(path, batch_size=64):
+    """Yield (frames, times): uint8 (B, H, W, 3) RGB as displayed, float64 (B,) seconds.
+
+    Frames come in presentation order, batch_size at a time, so memory stays bounded. Times are
+    the frames' own presentation timestamps (true times for variable-frame-rate video), as the
+    container stores them (usually starting at 0). A frame whose size differs from the first
+    frame's (rare mid-stream changes) is scaled to the first frame's size.
+    """
+    if batch_size < 1:
+        raise EmoError(f"batch_size must be at least 1, got {batch_size}")
+    container = _open(path)
+    try:
+        stream = _video_stream(container, path)
+        fps = float(stream.average_rate or 25)
+        size = None
+        images, times, rotation = [], [], 0
+        for index, frame in enumerate(container.decode(stream)):
+            if size is None:
+                size, rotation = (frame.width, frame.height), _rotation(frame, stream)
+            images.append(frame.to_ndarray(width=size[0], height=size[1], format="rgb24"))
+            # frames without a timestamp (some broken AVIs) fall back to their index / fps
+            times.append(float(frame.time) if frame.time is not None else index / fps)
+            if len(images) == batch_size:
+                yield _batch(images, times, rotation)
+                images, times = [], []
+        if images:
+            yield _batch(images, times, rotation)
+    except av.FFmpegError as e:
+        raise EmoError(f"{path} cannot be decoded ({_reason(e)}); the file may be damaged, "
+                       "re-encode or download it again") from None
+    finally:
+        container.close()
+
+
+def _batch(images, times, rotation):
+    frames = torch.from_numpy(np.stack(images))
+    if rotation:
+        frames = torch.rot90(frames, rotation // 90, dims=(1, 2)).contiguous()
+    return frames, torch.tensor(times, dtype=torch.float64)
+
+
+def read_audio(path, sample_rate=SAMPLE_RATE):
+    """(wave, has_audio): the first audio track as float32 mono (samples,) at sample_rate.
+
+    Channels are averaged to mono; the track is resampled with torchaudio. A video without an
+    audio track gives an empty wave and has_audio False. The wave starts at the audio stream's
+    first sample; an offset between the audio and video start times is not corrected.
+    """
+    container = _open(path)
+    try:
+        if not container.streams.audio:
+            return torch.zeros(0, dtype=torch.float32), False
+        stream = container.streams.audio[0]
+        to_float = av.AudioResampler(format="fltp")  # planar float whatever the codec's format
+        chunks, source_rate = [], None
+        for frame in container.decode(stream):
+            for converted in to_float.resample(frame):
+                source_rate = source_rate or converted.sample_rate
+                chunks.append(converted.to_ndarray().mean(axis=0, dtype=np.float32))
+        for converted in to_float.resample(None):
+            chunks.append(converted.to_ndarray().mean(axis=0, dtype=np.float32))
+    except av.FFmpegError as e:
+        raise EmoError(f"{path}: the audio track cannot be decoded ({_reason(e)}); "
+                       "re-encode the file or download it again") from None
+    finally:
+        container.close()
+    if not chunks:
+        return torch.zeros(0, dtype=torch.float32), True
+    wave = torch.from_numpy(np.concatenate(chunks))
+    if source_rate != sample_rate:
+        wave = torchaudio.functional.resample(wave, source_rate, sample_rate)
+    return wave.contiguous(), True
+
+
+# ----------------------------------------------------------------------------- faces: tracking
+
+@dataclass
+class TrackConfig:
+    iou_match: float = 0.3      # a detection continues a track when it overlaps the track's last box this much
+    max_gap: int = 75           # frames a person may go undetected and still be the same track
+    fill_gap: int = 12          # gaps up to this many frames take the nearest detection's box
+    smooth: int = 5             # frames in the moving average over box centres and sizes (1: none)
+    min_track_fraction: float = 0.1  # tracks on fewer frames than this are not candidates for the target
+
+
+@dataclass
+class FaceTrack:
+    """One person's face box on every frame of a video."""
+    boxes: torch.Tensor     # (frames, 4) x1, y1, x2, y2 in frame pixels; NaN where no face is known
+    detected: torch.Tensor  # (frames,) bool: a detection of this person on this very frame
+    scores: torch.Tensor    # (frames,) detection score, 0 where not detected
+
+
+def link_tracks(detections, cfg=TrackConfig()):
+    """Chain per-frame detections into tracks by greedy IoU matching with the previous box.
+
+    detections: one (boxes (K, 4), scores (K,)) pair per frame. Returns a list of tracks, each a
+    dict frame index -> (box, score).
+    """
+    tracks, last_seen = [], []
+    for frame, (boxes, scores) in enumerate(detections):
+        alive = [t for t in range(len(tracks)) if frame - last_seen[t] <= cfg.max_gap + 1]
+        unmatched = set(range(len(boxes)))
+        if alive and len(boxes):
+            previous = torch.stack([tracks[t][last_seen[t]][0] for t in alive])
+            overlap = box_iou(previous, boxes)
+            for flat in overlap.flatten().argsort(descending=True).tolist():
+                row, col = divmod(flat, len(boxes))
+                if overlap[row, col] < cfg.iou_match:
+                    break
+                if col in unmatched and last_seen[alive[row]] != frame:
+                    tracks[alive[row]][frame] = (boxes[col], float(scores[col]))
+                    last_seen[alive[row]] = frame
+                    unmatched.discard(col)
+        for col in sorted(unmatched):
+            tracks.append({frame: (boxes[col], float(scores[col]))})
+            last_seen.append(frame)
+    return tracks
+
+
+def choose_track(detections, num_frames, rule="largest", cfg=TrackConfig()):
+    """The target person's FaceTrack. rule: "largest" (biggest face over the video), "left" or
+    "right" (among the two most present people, the one further left/right, as in ABAW's
+    <video>_left / <video>_right annotation ids). None when no face was ever found."""
+    tracks = [t for t in link_tracks(detections, cfg) if len(t) >= cfg.min_track_fraction * num_frames]
+    if not tracks:
+        return None
+    if rule == "largest":
+        target = max(tracks, key=lambda t: sum(float((b[2] - b[0]) * (b[3] - b[1])) for b, _ in t.values()))
+    elif rule in ("left", "right"):
+        pair = sorted(tracks, key=len, reverse=True)[:2]
+        centre_x = [sum(float(b[0] + b[2]) / 2 for b, _ in t.values()) / len(t) for t in pair]
+        target = pair[centre_x.index(min(centre_x) if rule == "left" else max(centre_x))]
+    else:
+        raise EmoError(f"unknown person rule {rule!r}: use largest, left or right")
+    return fill_and_smooth(target, num_frames, cfg)
+
+
+def fill_and_smooth(track, num_frames, cfg=TrackConfig()):
+    """Boxes on every frame: gaps of up to fill_gap frames take the nearest detection's box, then
+    centres and sizes get a moving average within each run of known boxes."""
+    detected = torch.zeros(num_frames, dtype=torch.bool)
+    scores = torch.zeros(num_frames)
+    boxes = torch.full((num_frames, 4), float("nan"))
+    for frame, (box, score) in track.items():
+        detected[frame], scores[frame], boxes[frame] = True, score, box
+    frames = torch.arange(num_frames)
+    seen = frames[detected]
+    nearest = seen[(frames[:, None] - seen[None]).abs().argmin(1)]
+    fill = (frames - nearest).abs() <= cfg.fill_gap
+    boxes[fill] = boxes[nearest[fill]]
+    if cfg.smooth > 1:
+        centre_size = torch.cat([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], 1)
+        known = ~centre_size[:, 0].isnan()
+        weights = F.avg_pool1d(known.float()[None], cfg.smooth, 1, cfg.smooth // 2, count_include_pad=True)
+        sums = F.avg_pool1d(centre_size.nan_to_num().T, cfg.smooth, 1, cfg.smooth // 2, count_include_pad=True)
+        centre_size = torch.where(known[:, None], (sums / weights.clamp_min(1e-12)).T, float("nan"))
+        centre, size = centre_size[:, :2], centre_size[:, 2:]
+        boxes = torch.cat([centre - size / 2, centre + size / 2], 1)
+    return FaceTrack(boxes=boxes, detected=detected, scores=scores)
+
+
+# ------------------------------------------------------------------------- faces: multi-scale crops
+
+def crop_faces(frames, boxes, scales=(0.9, 1.2, 1.5), size=224, resize=256):
+    """Square face crops at several scales, for a batch of frames, in one roi_align call.
+
+    frames: (B, H, W, 3) uint8 RGB; boxes: (B, 4) x1, y1, x2, y2. Each crop is a square of side
+    max(w, h) * scale around the box centre, zero outside the frame, resized to `resize` and
+    centre-cropped to `size` (the encoder's eval transform), i.e. the middle size/resize of it.
+    Returns (B, len(scales), 3, size, size) float in 0..1.
+    """
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    side = (boxes[:, 2:] - boxes[:, :2]).amax(1)
+    half = side[:, None] * torch.tensor(scales, dtype=side.dtype)[None] * (size / resize) / 2  # (B, S)
+    rois = torch.cat([torch.arange(len(frames)).repeat_interleave(len(scales))[:, None].to(side.dtype),
+                      (centre[:, None] - half[..., None]).flatten(0, 1),
+                      (centre[:, None] + half[..., None]).flatten(0, 1)], 1)
+    images = frames.permute(0, 3, 1, 2).float().div_(255)
+    crops = roi_align(images, rois, output_size=size, spatial_scale=1.0, sampling_ratio=0, aligned=True)
+    return crops.view(len(frames), len(scales), 3, size, size)
+
+
+# ------------------------------------------------------------------------------- audio features
+
+@torch.inference_mode()
+def audio_step_features(w2v, wave, num_layers=4, chunk_seconds=20.0, context_seconds=2.0):
+    """Features of every 20 ms audio step of a whole track: (steps, dim) float32.
+
+    The waveform is normalised once, then the model runs over chunks of chunk_seconds, each with
+    context_seconds of extra audio on both sides whose steps are dropped, so that chunk borders
+    see the same context as the middle. Each step's feature is the mean of the last num_layers
+    hidden states. Audio that fits in one chunk is a single forward pass.
+    """
+    hop, reach = audio_hop(w2v), audio_receptive_field(w2v)
+    total = int(w2v.num_steps(len(wave)))
+    dim = w2v.cfg.hidden_size
+    if total <= 0:
+        return torch.zeros(0, dim)
+    wave = normalize_waveform(wave.float()[None])[0]
+    device = next(w2v.parameters()).device
+    chunk = max(1, round(chunk_seconds * SAMPLE_RATE / hop))
+    context = math.ceil(context_seconds * SAMPLE_RATE / hop)
+    features = torch.empty(total, dim)
+    for first in range(0, total, chunk):
+        last = min(first + chunk, total)
+        start, stop = max(first - context, 0), min(last + context, total)
+        samples = wave[start * hop: (stop - 1) * hop + reach].to(device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            _, hidden_states = w2v(samples[None])
+        mean = torch.stack(hidden_states[-num_layers:]).float().mean(0)[0]
+        features[first:last] = mean[first - start: last - start].cpu()
+    return features
+
+
+def audio_hop(w2v):
+    return math.prod(w2v.cfg.conv_stride)
+
+
+def audio_receptive_field(w2v):
+    reach, jump = 1, 1
+    for kernel, stride in zip(w2v.cfg.conv_kernel, w2v.cfg.conv_stride):
+        reach, jump = reach + (kernel - 1) * jump, jump * stride
+    return reach
+
+
+def frame_times(num_frames, fps):
+    """The middle of each frame: (i + 0.5) / fps."""
+    return (torch.arange(num_frames, dtype=torch.float64) + 0.5) / fps
+
+
+def align_audio(step_features, times, hop_seconds=0.02, first_step_time=0.0125, window=0.5, block=4096):
+    """Per video frame, the mean of the audio steps whose centre lies within +/- window seconds of
+    the frame's time (the nearest step when none does). Prefix sums in float64, a block of
+    frames at a time so memory stays small on long videos. Returns (frames, dim) float32."""
+    steps, dim = step_features.shape
+    times = torch.as_tensor(times, dtype=torch.float64)
+    if steps == 0:
+        return torch.zeros(len(times), dim)
+    step_times = first_step_time + hop_seconds * torch.arange(steps, dtype=torch.float64)
+    lo = torch.searchsorted(step_times, times - window, side="left")
+    hi = torch.searchsorted(step_times, times + window, side="right")
+    nearest = ((times - first_step_time) / hop_seconds).round().long().clamp(0, steps - 1)
+    out = step_features[nearest].float()
+    for begin in range(0, len(times), block):
+        lo_b, hi_b = lo[begin:begin + block], hi[begin:begin + block]
+        first, last = int(lo_b.min()), int(hi_b.max())
+        if last <= first:
+            continue
+        prefix = F.pad(step_features[first:last].double().cumsum(0), (0, 0, 1, 0))
+        counts = (hi_b - lo_b)[:, None]
+        sums = prefix[hi_b - first] - prefix[lo_b - first]
+        means = sums / counts.clamp_min(1)
+        out[begin:begin + block] = torch.where(counts > 0, means, out[begin:begin + block].double()).float()
+    return out
+
+
+def frame_audio_features(w2v, wave, times, num_layers=4, chunk_seconds=20.0, window=0.5):
+    """The audio feature of each video frame: (frames, dim) float32, for frames at `times` seconds
+    (frame_times(n, fps) for constant-rate video, the decoded times otherwise)."""
+    steps = audio_step_features(w2v, wave, num_layers, chunk_seconds)
+    return align_audio(steps, times, hop_seconds=audio_hop(w2v) / SAMPLE_RATE,
+                       first_step_time=audio_receptive_field(w2v) / 2 / SAMPLE_RATE, window=window)
+
+
+# ---------------------------------------------------------------------------- synthetic faces
+
+# Each class as a face: mouth curve (+ smile / - frown), mouth openness, brow tilt (+ inner ends
+# up, - an angry V), brow lift, eye openness, mouth asymmetry. Fear and Surprise are nearly the
+# same face on purpose; their sounds differ (SOUNDS below), so audio fusion has something to win.
+EXPRESSIONS = {
+    "Neutral":   dict(curve=0.0, open=0.0, tilt=0.0, lift=0.0, eyes=0.55, skew=0.0),
+    "Anger":     dict(curve=-0.3, open=0.1, tilt=-1.0, lift=-0.4, eyes=0.40, skew=0.0),
+    "Disgust":   dict(curve=-0.6, open=0.25, tilt=-0.5, lift=-0.2, eyes=0.25, skew=0.3),
+    "Fear":      dict(curve=-0.15, open=0.70, tilt=0.7, lift=0.85, eyes=1.0, skew=0.0),
+    "Happiness": dict(curve=1.0, open=0.30, tilt=0.0, lift=0.1, eyes=0.40, skew=0.0),
+    "Sadness":   dict(curve=-0.9, open=0.0, tilt=1.0, lift=0.1, eyes=0.30, skew=0.0),
+    "Surprise":  dict(curve=-0.10, open=0.75, tilt=0.65, lift=0.9, eyes=1.0, skew=0.0),
+    "Other":     dict(curve=0.4, open=0.0, tilt=0.3, lift=0.0, eyes=0.55, skew=1.0),
+}
+NEUTRAL = EXPRESSIONS["Neutral"]
+
+# Each class as a sound: carrier Hz, amplitude-modulation Hz, frequency-modulation depth Hz.
+SOUNDS = {
+    "Neutral":   (220.0, 0.0, 0.0),
+    "Anger":     (330.0, 9.0, 40.0),
+    "Disgust":   (440.0, 3.0, 0.0),
+    "Fear":      (1800.0, 14.0, 150.0),  # high and trembling
+    "Happiness": (660.0, 5.0, 60.0),
+    "Sadness":   (180.0, 1.5, 10.0),
+    "Surprise":  (520.0, 0.0, 250.0),   # low and swooping; looks like Fear
+    "Other":     (990.0, 7.0, 0.0),
+}
+LOOKALIKE = ("Fear", "Surprise")
+
+
+def draw_face(size, expression, skin):
+    """An RGBA image (size x size) of a face ellipse showing `expression` (a dict like NEUTRAL)."""
+    s = size
+    image = Image.new("RGBA", (s, s), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    cx, cy = s / 2, s / 2
+    rx, ry = 0.36 * s, 0.46 * s
+    draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=skin + (255,), outline=(60, 40, 30, 255),
+                 width=max(1, s // 40))
+    dark = (30, 25, 25, 255)
+    width = max(1, s // 28)
+    eye_y, eye_dx, eye_w = cy - 0.12 * s, 0.14 * s, 0.075 * s
+    eye_h = max(0.012 * s, 0.06 * s * expression["eyes"])
+    for side in (-1, 1):
+        ex = cx + side * eye_dx
+        draw.ellipse([ex - eye_w, eye_y - eye_h, ex + eye_w, eye_y + eye_h], fill=(250, 250, 250, 255),
+                     outline=dark, width=max(1, width // 2))
+        pupil = min(eye_h, 0.03 * s)
+        draw.ellipse([ex - pupil, eye_y - pupil, ex + pupil, eye_y + pupil], fill=dark)
+        # brow: inner end near the nose, outer end away from it
+        brow_y = eye_y - 0.10 * s - 0.07 * s * expression["lift"]
+        inner = (cx + side * 0.06 * s, brow_y - 0.05 * s * expression["tilt"])
+        outer = (cx + side * 0.24 * s, brow_y + 0.02 * s * expression["tilt"])
+        draw.line([inner, outer], fill=dark, width=width + 1)
+    draw.line([(cx, cy - 0.04 * s), (cx - 0.03 * s, cy + 0.08 * s), (cx + 0.01 * s, cy + 0.09 * s)],
+              fill=(120, 80, 60, 255), width=max(1, width // 2))
+    # mouth: a curve through the corners and the middle; openness adds a lower lip
+    mouth_y, half = cy + 0.24 * s, 0.15 * s
+    corner_up = 0.07 * s * expression["curve"]
+    skew = 0.05 * s * expression["skew"]
+    left, right = (cx - half, mouth_y - corner_up + skew), (cx + half, mouth_y - corner_up - skew)
+    upper = [_bezier(left, (cx, mouth_y + corner_up), right, t) for t in np.linspace(0, 1, 12)]
+    opening = 0.16 * s * expression["open"]
+    if opening > 0.01 * s:
+        lower = [_bezier(right, (cx, mouth_y + corner_up + 2 * opening), left, t) for t in np.linspace(0, 1, 12)]
+        draw.polygon(upper + lower, fill=(90, 20, 30, 255), outline=dark)
+    else:
+        draw.line(upper, fill=dark, width=width + 1)
+    return image
+
+
+def _bezier(a, control, b, t):
+    return ((1 - t) ** 2 * a[0] + 2 * (1 - t) * t * control[0] + t ** 2 * b[0],
+            (1 - t) ** 2 * a[1] + 2 * (1 - t) * t * control[1] + t ** 2 * b[1])
+
+
+def expression_for(label, rng, intensity=None):
+    """The face parameters of class `label`, at a random intensity, with a little jitter."""
+    target = EXPRESSIONS[CLASSES[label]]
+    k = rng.uniform(0.7, 1.0) if intensity is None else intensity
+    return {key: NEUTRAL[key] + k * (target[key] - NEUTRAL[key]) + rng.normal(0, 0.04) for key in target}
+
+
+def random_skin(rng):
+    base = np.array([225, 185, 150]) * rng.uniform(0.45, 1.05)
+    return tuple(int(v) for v in np.clip(base + rng.normal(0, 8, 3), 40, 255))
+
+
+def background(width, height, rng):
+    colour = rng.integers(20, 236, 3)
+    noise = rng.normal(0, rng.uniform(2, 14), (height, width, 1))
+    pixels = np.clip(colour[None, None, :] + noise + np.linspace(-20, 20, width)[None, :, None], 0, 255)
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+def paste_face(canvas, face, centre, side, angle):
+    """Scale the face to `side` pixels, rotate by `angle` degrees, paste centred at `centre`.
+
+    Returns the face's box (x0, y0, x1, y1) in integer pixels, clipped to the canvas.
+    """
+    face = face.resize((side, side), Image.BILINEAR).rotate(angle, resample=Image.BILINEAR)
+    x0, y0 = int(round(centre[0] - side / 2)), int(round(centre[1] - side / 2))
+    canvas.paste(face, (x0, y0), face)
+    # the drawn ellipse spans 0.72 x 0.92 of the face square; rotation widens that slightly
+    a = math.radians(angle)
+    w = 0.72 * side * abs(math.cos(a)) + 0.92 * side * abs(math.sin(a))
+    h = 0.72 * side * abs(math.sin(a)) + 0.92 * side * abs(math.cos(a))
+    box = [centre[0] - w / 2, centre[1] - h / 2, centre[0] + w / 2, centre[1] + h / 2]
+    W, H = canvas.size
+    return [int(np.clip(round(box[0]), 0, W)), int(np.clip(round(box[1]), 0, H)),
+            int(np.clip(round(box[2]), 0, W)), int(np.clip(round(box[3]), 0, H))]
+
+
+def class_sound(label, n, sample_rate, rng):
+    """n samples of class `label`'s signature tone, with a random starting phase."""
+    carrier, am, fm = SOUNDS[CLASSES[label]]
+    t = np.arange(n) / sample_rate
+    frequency = carrier + fm * np.sin(2 * np.pi * 3.0 * t)
+    phase = 2 * np.pi * np.cumsum(frequency) / sample_rate + rng.uniform(0, 2 * np.pi)
+    envelope = 0.6 + 0.4 * np.sin(2 * np.pi * am * t) if am else np.ones(n)
+    return envelope * np.sin(phase)
+
+
+# -------------------------------------------------------------------------- synthetic dataset
+
+
+@dataclass
+class SynthConfig:
+    out: str
+    seed: int = 0
+    videos: int = 7            # raw videos; one of them shows two people, so one more annotation id
+    frames: int = 200          # mean frames per video (each is 0.75x .. 1.25x of it)
+    width: int = 160
+    height: int = 120
+    fps: int = 25
+    images: int = 24           # Stage I images per class
+    crop: int = 112            # side of the aligned face crops, as in Aff-Wild2
+    validation: float = 0.3    # share of videos whose annotations go to Validation_Set
+    sample_rate: int = 44100   # of the .mp4 audio tracks (the .avi gets 22050 Hz)
+    overwrite: bool = False    # replace an earlier synthetic dataset in `out`
+
+
+@dataclass
+class SynthVideo:
+    name: str
+    file: str
+    container: str
+    audio: bool
+    people: int
+
+
+def plan_videos(config):
+    """Which video is which: mostly H.264/AAC .mp4, one MPEG-4/PCM .avi, one silent, one pair."""
+    if config.videos < 4:
+        raise EmoError(f"--videos must be at least 4 (an .mp4, an .avi, a silent and a two-person video), "
+                       f"got {config.videos}")
+    plans = []
+    for i in range(config.videos):
+        name = f"video{i:02d}"
+        kind = {1: "avi", 2: "silent", 3: "pair"}.get(i, "mp4")
+        if kind == "avi":
+            plans.append(SynthVideo(name, f"videos/batch1/{name}.avi", "avi", True, 1))
+        else:
+            plans.append(SynthVideo(name, f"videos/batch1/{name}.mp4", "mp4", kind != "silent",
+                                    2 if kind == "pair" else 1))
+    return plans
+
+
+def segment_labels(n, rng):
+    """Per-frame labels in runs of 20-80 frames, with one short run of -1 (no usable face)."""
+    labels = np.empty(n, dtype=np.int64)
+    i = 0
+    while i < n:
+        run = int(rng.integers(20, 81))
+        labels[i:i + run] = rng.integers(0, len(CLASSES))
+        i += run
+    gap = int(rng.integers(3, 10))
+    start = int(rng.integers(0, n - gap))
+    labels[start:start + gap] = IGNORE_LABEL
+    return labels
+
+
+def pose_track(n, rng, x_range, y_range, side_range):
+    """A smooth random walk of face centre, side and in-plane angle over n frames."""
+    def walk(low, high, step):
+        values = np.empty(n)
+        values[0] = rng.uniform(low, high)
+        velocity = 0.0
+        for i in range(1, n):
+            velocity = 0.9 * velocity + rng.normal(0, step)
+            values[i] = values[i - 1] + velocity
+            if not low <= values[i] <= high:
+                values[i] = np.clip(values[i], low, high)
+                velocity = -velocity
+        return values
+    return (walk(*x_range, 0.4), walk(*y_range, 0.3), walk(*side_range, 0.3), walk(-12, 12, 0.3))
+
+
+def render_video(plan, n, config, rng):
+    """Frames (n, H, W, 3) uint8, labels per annotation id, boxes per annotation id, and crops."""
+    W, H = config.width, config.height
+    ids = [plan.name] if plan.people == 1 else [f"{plan.name}_left", f"{plan.name}_right"]
+    labels = {i: segment_labels(n, rng) for i in ids}
+    base = background(W, H, rng)
+    blur = rng.uniform(0, 0.8)
+    people = []
+    for p, annotation_id in enumerate(ids):
+        if plan.people == 1:
+            x_range, side = (0.35 * W, 0.65 * W), (0.55 * H, 0.75 * H)
+        else:  # left person in the left half, right person in the right half
+            x_range = (0.2 * W, 0.3 * W) if p == 0 else (0.7 * W, 0.8 * W)
+            side = (0.45 * H, 0.55 * H)
+        track = pose_track(n, rng, x_range, (0.42 * H, 0.58 * H), side)
+        # a frame shows another class's face now and then: noise that temporal smoothing removes
+        shown = labels[annotation_id].copy()
+        flips = rng.random(n) < 0.08
+        shown[flips] = rng.integers(0, len(CLASSES), int(flips.sum()))
+        people.append((annotation_id, track, shown, random_skin(rng)))
+    frames = np.empty((n, H, W, 3), dtype=np.uint8)
+    boxes = {i: [] for i in ids}
+    crops = {i: {} for i in ids}
+    for f in range(n):
+        canvas = base.copy()
+        placed = []
+        for annotation_id, (xs, ys, sides, angles), shown, skin in people:
+            if labels[annotation_id][f] == IGNORE_LABEL:  # face turned away: no face, no box, no crop
+                boxes[annotation_id].append(None)
+                continue
+            label = shown[f]
+            face = draw_face(96, expression_for(label, rng), skin)
+            box = paste_face(canvas, face, (xs[f], ys[f]), int(round(sides[f])), float(angles[f]))
+            boxes[annotation_id].append(box)
+            placed.append((annotation_id, box))
+        if blur > 0.3:
+            canvas = canvas.filter(ImageFilter.GaussianBlur(blur))
+        frames[f] = np.asarray(canvas)
+        for annotation_id, box in placed:
+            if rng.random() < 0.05:  # the face detector missed it: no crop for this frame
+                continue
+            crops[annotation_id][f] = aligned_crop(canvas, box, config.crop)
+    return frames, labels, boxes, crops
+
+
+def aligned_crop(image, box, side):
+    """A square crop 1.2x the box around its centre, zero-padded at the border, resized to side."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    half = 0.6 * max(box[2] - box[0], box[3] - box[1])
+    region = tuple(int(round(v)) for v in (cx - half, cy - half, cx + half, cy + half))
+    return image.crop(region).resize((side, side), Image.BILINEAR)
+
+
+def render_audio(labels_per_id, n_frames, fps, sample_rate, rng):
+    """Mono float32 audio: each person's class tone (from the true labels) plus noise."""
+    samples = int(round(n_frames / fps * sample_rate))
+    frame_of_sample = np.minimum((np.arange(samples) * fps) // sample_rate, n_frames - 1).astype(np.int64)
+    wave = rng.normal(0, 0.03, samples)
+    for labels in labels_per_id.values():
+        per_sample = labels[frame_of_sample]
+        for label in np.unique(per_sample):
+            if label == IGNORE_LABEL:
+                continue
+            where = per_sample == label
+            tone = class_sound(int(label), samples, sample_rate, rng)
+            wave[where] += 0.3 / len(labels_per_id) * tone[where]
+    return (wave * rng.uniform(0.7, 1.0)).astype(np.float32)
+
+
+def write_video(path, frames, fps, audio, sample_rate, container_format):
+    """Encode frames (and mono audio, if given) with PyAV: H.264 + AAC in .mp4, MPEG-4 + PCM in .avi."""
+    n, H, W, _ = frames.shape
+    with atomic_path(path) as tmp, av.open(str(tmp), "w", format=container_format) as out:
+        if container_format == "mp4":
+            video = out.add_stream("libx264", rate=fps, options={"crf": "20", "preset": "veryfast"})
+        else:
+            video = out.add_stream("mpeg4", rate=fps)
+            video.bit_rate = 1_500_000
+        video.width, video.height, video.pix_fmt = W, H, "yuv420p"
+        video.codec_context.thread_count = 1  # deterministic output
+        sound = None
+        if audio is not None:
+            if container_format == "mp4":
+                sound = out.add_stream("aac", rate=sample_rate, layout="stereo")
+            else:
+                sound = out.add_stream("pcm_s16le", rate=sample_rate, layout="mono")
+        for i in range(n):
+            frame = av.VideoFrame.from_ndarray(frames[i], format="rgb24")
+            frame.pts = i
+            for packet in video.encode(frame):
+                out.mux(packet)
+        for packet in video.encode():
+            out.mux(packet)
+        if sound is not None:
+            chunk = 1024
+            for start in range(0, len(audio), chunk):
+                piece = audio[start:start + chunk]
+                if container_format == "mp4":  # stereo, so read_audio has channels to mix
+                    array = np.stack([piece, piece]).astype(np.float32)
+                    frame = av.AudioFrame.from_ndarray(array, format="fltp", layout="stereo")
+                else:
+                    array = (np.clip(piece, -1, 1) * 32767).astype(np.int16)[None]
+                    frame = av.AudioFrame.from_ndarray(array, format="s16", layout="mono")
+                frame.sample_rate = sample_rate
+                frame.pts = start
+                frame.time_base = Fraction(1, sample_rate)
+                for packet in sound.encode(frame):
+                    out.mux(packet)
+            for packet in sound.encode():
+                out.mux(packet)
+
+
+def write_annotation(path, labels):
+    """An ABAW EXPR file: the header, then one integer per frame (-1 = ignore)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(ABAW_HEADER + "\n" + "".join(f"{int(v)}\n" for v in labels))
+
+
+def save_jpeg(path, image):
+    with atomic_path(path) as tmp:
+        image.convert("RGB").save(tmp, format="JPEG", quality=90)
+
+
+def synthesize(config):
+    """Write the synthetic dataset under config.out; returns the manifest (also in manifest.json)."""
+    if config.width % 2 or config.height % 2 or min(config.width, config.height) < 64:
+        raise EmoError(f"--size must be even and at least 64x64, got {config.width}x{config.height}")
+    if config.frames < 40:
+        raise EmoError(f"--frames must be at least 40, got {config.frames}")
+    if config.fps < 1 or config.images < 0:
+        raise EmoError(f"--fps must be at least 1 and --images at least 0, got {config.fps} and {config.images}")
+    out = Path(config.out)
+    prepare_output(out, config.overwrite)
+    rng = np.random.default_rng(config.seed)
+    plans = plan_videos(config)
+    n_validation = max(1, int(round(config.validation * len(plans))))
+    validation = {p.name for p in plans[-n_validation:]}
+    splits = {"Train_Set": [], "Validation_Set": []}
+    records = []
+    for plan in tqdm(plans, desc="synthetic videos", unit="video"):
+        n = int(rng.integers(int(0.75 * config.frames), int(1.25 * config.frames) + 1))
+        frames, labels, boxes, crops = render_video(plan, n, config, rng)
+        split = "Validation_Set" if plan.name in validation else "Train_Set"
+        for annotation_id, values in labels.items():
+            write_annotation(out / "annotations" / "EXPR_Recognition_Challenge" / split / f"{annotation_id}.txt",
+                             values)
+            splits[split].append(annotation_id)
+            folder = out / "cropped_aligned" / annotation_id
+            folder.mkdir(parents=True, exist_ok=True)
+            for f, crop in crops[annotation_id].items():
+                save_jpeg(folder / f"{f + 1:05d}.jpg", crop)
+        rate = config.sample_rate if plan.container == "mp4" else 22050
+        audio = render_audio(labels, n, config.fps, rate, rng) if plan.audio else None
+        video_path = out / plan.file
+        video_path.parent.mkdir(parents=True, exist_ok=True)
+        write_video(video_path, frames, config.fps, audio, rate, plan.container)
+        (out / "boxes").mkdir(parents=True, exist_ok=True)
+        save_json(out / "boxes" / f"{plan.name}.json",
+                  {"video": plan.name, "fps": config.fps, "frames": n, "width": config.width,
+                   "height": config.height, "format": "x0,y0,x1,y1 pixels; null = no face", "boxes": boxes})
+        video_codec, audio_codec = ("h264", "aac") if plan.container == "mp4" else ("mpeg4", "pcm_s16le")
+        records.append({"video": plan.name, "file": plan.file, "frames": n, "split": split,
+                        "ids": list(labels), "audio": plan.audio, "people": plan.people,
+                        "container": plan.container, "video_codec": video_codec,
+                        "audio_codec": audio_codec if plan.audio else None})
+    image_counts = write_images(out / "images", config, rng)
+    manifest = {
+        "seed": config.seed, "fps": config.fps, "width": config.width, "height": config.height,
+        "classes": list(CLASSES), "videos": records, "splits": splits,
+        "no_audio": [r["video"] for r in records if not r["audio"]],
+        "two_person": [r["video"] for r in records if r["people"] == 2],
+        "lookalike": {"classes": list(LOOKALIKE),
+                      "note": "nearly the same face, clearly different sound"},
+        "images": image_counts,
+        "annotations": "annotations/EXPR_Recognition_Challenge/{Train_Set,Validation_Set}/<id>.txt",
+        "cropped_aligned": "cropped_aligned/<id>/<frame, 1-based, 5 digits>.jpg; some frames missing",
+        "boxes": "boxes/<video>.json: per annotation id, one box or null per frame",
+    }
+    save_json(out / "manifest.json", manifest)
+    return manifest
+
+
+SYNTH_OUTPUTS = ("annotations", "cropped_aligned", "videos", "boxes", "images", "manifest.json")
+
+
+def prepare_output(out, overwrite):
+    """Refuse a non-empty folder, unless overwrite and it holds an earlier synthetic dataset.
+
+    Stale files of an earlier run (more frames, other ids) would otherwise mix into the new one.
+    """
+    if out.exists() and not out.is_dir():
+        raise EmoError(f"{out} exists and is not a folder; choose another output folder")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise EmoError(f"{out} is not empty; choose a new folder, or pass --overwrite to replace "
+                       "a synthetic dataset written there before")
+    manifest = out / "manifest.json"
+    try:
+        previous = json.loads(manifest.read_text())
+        made_by_synth = isinstance(previous, dict) and "seed" in previous and "lookalike" in previous
+    except (OSError, ValueError):
+        made_by_synth = False
+    if not made_by_synth:
+        raise EmoError(f"{out} has no synthetic-dataset manifest.json, so --overwrite will not delete "
+                       "anything there; choose a new folder")
+    for name in SYNTH_OUTPUTS:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
+def write_images(folder, config, rng):
+    """Stage I image-folder dataset: images/<ClassName>/NNNNN.jpg, face crops with pose jitter."""
+    counts = {}
+    side = config.crop
+    for label, name in enumerate(CLASSES):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for k in range(config.images):
+            canvas = background(side, side, rng)
+            face = draw_face(96, expression_for(label, rng), random_skin(rng))
+            centre = (side / 2 + rng.normal(0, 4), side / 2 + rng.normal(0, 4))
+            paste_face(canvas, face, centre, int(side * rng.uniform(0.9, 1.1)), float(rng.normal(0, 6)))
+            if rng.random() < 0.3:
+                canvas = canvas.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
+            save_jpeg(folder / name / f"{k:05d}.jpg", canvas)
+        counts[name] = config.images
+    return counts
+
+
+# ---------------------------------------------------------------------------------- command line
+
+
+def _size(text):
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+        return width, height
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 160x120, got {text!r}") from None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("probe", help="print a video's fps, frame count, size, rotation and audio as JSON")
+    p.add_argument("video")
+    s = commands.add_parser(
+        "synth", help="write a small seeded synthetic dataset in the ABAW layouts",
+        description="Write a deterministic synthetic dataset: raw videos (H.264/AAC .mp4, an MPEG-4/PCM .avi, "
+        "a silent one, a two-person one with _left/_right ids), ABAW annotation files, cropped_aligned face "
+        "crops (some frames missing), true face boxes, an image-folder set for Stage I and manifest.json. "
+        f"{LOOKALIKE[0]} and {LOOKALIKE[1]} look nearly alike but sound different.")
+    defaults = SynthConfig(out="")
+    s.add_argument("out", help="output folder: new or empty (created if missing)")
+    s.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default %(default)s)")
+    s.add_argument("--videos", type=int, default=defaults.videos, help="raw videos, at least 4 (default %(default)s)")
+    s.add_argument("--frames", type=int, default=defaults.frames,
+                   help="mean frames per video, each 0.75x-1.25x of it (default %(default)s)")
+    s.add_argument("--size", type=_size, default=(defaults.width, defaults.height),
+                   help="frame size WxH, even numbers (default 160x120)")
+    s.add_argument("--fps", type=int, default=defaults.fps, help="frames per second (default %(default)s)")
+    s.add_argument("--images", type=int, default=defaults.images,
+                   help="Stage I images per class (default %(default)s)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace a synthetic dataset written to OUT before (only its own files are deleted)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "probe":
+            print(json.dumps(asdict(probe(args.video)), indent=2))
+        elif args.command == "synth":
+            config = SynthConfig(out=args.out, seed=args.seed, videos=args.videos, frames=args.frames,
+                                 width=args.size[0], height=args.size[1], fps=args.fps, images=args.images,
+                                 overwrite=args.overwrite)
+            manifest = synthesize(config)
+            ids = sum(len(v) for v in manifest["splits"].values())
+            print(f"wrote {len(manifest['videos'])} videos, {ids} annotation ids and "
+                  f"{sum(manifest['images'].values())} images to {args.out}")
+    except EmoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

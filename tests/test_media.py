@@ -1,0 +1,120 @@
+"""Face tracking, multi-scale crops and frame-aligned audio features."""
+import math
+
+import pytest
+import torch
+
+import hf_checkpoints as hf
+from models import Wav2Vec2, normalize_waveform
+from data import TrackConfig, align_audio, audio_step_features, choose_track, crop_faces, frame_times
+
+
+def test_frame_alignment_matches_brute_force():
+    generator = torch.Generator().manual_seed(0)
+    steps = torch.randn(300, 8, generator=generator, dtype=torch.float64).float()
+    step_times = 0.0125 + 0.02 * torch.arange(300, dtype=torch.float64)
+    times = torch.cat([frame_times(160, 25.0), torch.tensor([7.5, 9.0, 30.0], dtype=torch.float64)])
+    expected = []
+    for t in times:
+        inside = (step_times >= t - 0.5) & (step_times <= t + 0.5)
+        expected.append(steps[inside].double().mean(0) if inside.any() else steps[(step_times - t).abs().argmin()])
+    expected = torch.stack(expected).float()
+    for block in (4096, 7):
+        assert (align_audio(steps, times, block=block) - expected).abs().max() <= 1e-6
+    assert align_audio(torch.zeros(0, 8), times).shape == (len(times), 8)
+
+
+@pytest.fixture(scope="module")
+def tiny_w2v(tmp_path_factory):
+    return Wav2Vec2.from_pretrained(hf.save(hf.wav2vec2(**hf.TINY_W2V_LARGE), tmp_path_factory.mktemp("w2v")))
+
+
+def test_audio_that_fits_one_chunk_is_one_pass(tiny_w2v):
+    wave = torch.randn(3 * 16000 + 123, generator=torch.Generator().manual_seed(1))
+    got = audio_step_features(tiny_w2v, wave, num_layers=2)
+    with torch.no_grad():
+        _, hidden = tiny_w2v(normalize_waveform(wave[None]))
+    assert (got - torch.stack(hidden[-2:]).mean(0)[0]).abs().max() <= 1e-5
+
+
+def test_chunk_borders_see_their_context(tmp_path):
+    # Without transformer layers a step's feature depends only on nearby audio, so chunks with
+    # enough context must reproduce the single pass exactly: this checks the chunk bookkeeping.
+    local = Wav2Vec2.from_pretrained(hf.save(hf.wav2vec2(**{**hf.TINY_W2V_LARGE, "num_hidden_layers": 0}), tmp_path))
+    wave = torch.randn(5 * 16000, generator=torch.Generator().manual_seed(2))
+    single = audio_step_features(local, wave, num_layers=1)
+    chunked = audio_step_features(local, wave, num_layers=1, chunk_seconds=0.7, context_seconds=0.3)
+    assert single.shape == chunked.shape == (local.num_steps(len(wave)), 64)
+    assert (single - chunked).abs().max() <= 1e-5
+
+
+def two_people(num_frames=60):
+    """Detections of a left (small) and a right (large) face, with misses and one spurious box."""
+    detections = []
+    for i in range(num_frames):
+        boxes, scores = [], []
+        if i % 7 != 3:                          # the left person is missed now and then
+            boxes.append([20 + i * 0.2, 40, 60 + i * 0.2, 90]); scores.append(0.9)
+        if not 30 <= i < 50:                    # the right person leaves for 20 frames
+            boxes.append([150, 30, 230, 130]); scores.append(0.95)
+        if i == 10:
+            boxes.append([100, 200, 130, 240]); scores.append(0.6)
+        detections.append((torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), torch.tensor(scores)))
+    return detections
+
+
+def test_tracker_picks_people_by_rule():
+    cfg = TrackConfig(fill_gap=5, smooth=1)
+    left = choose_track(two_people(), 60, "left", cfg)
+    right = choose_track(two_people(), 60, "right", cfg)
+    largest = choose_track(two_people(), 60, "largest", cfg)
+    assert torch.equal(largest.boxes.nan_to_num(), right.boxes.nan_to_num())
+    assert (left.boxes[:, 0] < 80).all() and not left.boxes.isnan().any()   # misses of 1 frame are filled
+    assert left.detected.sum() == sum(1 for i in range(60) if i % 7 != 3)
+    assert right.detected[30:50].sum() == 0
+    # a 20-frame absence: 5 frames filled at each side, the middle left unknown
+    assert not right.boxes[30:35].isnan().any() and not right.boxes[45:50].isnan().any()
+    assert right.boxes[35:45].isnan().all()
+    assert choose_track([(torch.zeros(0, 4), torch.zeros(0))] * 5, 5) is None
+
+
+def test_smoothing_keeps_a_still_box_and_calms_jitter():
+    jitter = [(torch.tensor([[50 + (-2) ** (i % 2), 50, 90 + (-2) ** (i % 2), 90]], dtype=torch.float32),
+               torch.tensor([0.9])) for i in range(40)]
+    smooth = choose_track(jitter, 40, cfg=TrackConfig(smooth=5))
+    raw = choose_track(jitter, 40, cfg=TrackConfig(smooth=1))
+    assert smooth.boxes[5:35, 0].std() < raw.boxes[5:35, 0].std() / 3
+
+
+def test_crop_geometry_inside_and_at_the_border():
+    frames = torch.arange(280 * 320 * 3).remainder(251).to(torch.uint8).reshape(1, 280, 320, 3)
+    # A box whose 1.0-scale crop covers exactly 224 x 224 pixels: no resampling, the pixels themselves.
+    side = 256.0
+    box = torch.tensor([[40.0, 8.0, 40 + side, 8 + side]])
+    crop = crop_faces(frames, box, scales=(1.0,), size=224, resize=256)[0, 0]
+    x0, y0 = 40 + 16, 8 + 16
+    expected = frames[0, y0:y0 + 224, x0:x0 + 224].permute(2, 0, 1).float() / 255
+    assert (crop - expected).abs().max() <= 1e-6
+
+    # Near the corner, the part of the square outside the frame is black.
+    white = torch.full((2, 100, 100, 3), 255, dtype=torch.uint8)
+    boxes = torch.tensor([[0.0, 0.0, 40.0, 40.0], [30.0, 30.0, 70.0, 70.0]])
+    crops = crop_faces(white, boxes, scales=(0.9, 1.5), size=64, resize=64)
+    assert crops.shape == (2, 2, 3, 64, 64)
+    assert crops[1].min() > 0.99                          # the centred face stays inside the frame
+    outside = crops[0, 1, 0] < 0.01                       # 1.5 x 40 = 60 px square centred on (20, 20)
+    assert abs(outside.float().mean().item() - (1 - (50 / 60) ** 2)) < 0.03
+    assert outside[0, 0] and not outside[-1, -1]
+
+
+def test_audio_step_timing_comes_from_the_convolutions(tiny_w2v):
+    from data import audio_hop, audio_receptive_field, frame_audio_features
+    assert (audio_hop(tiny_w2v), audio_receptive_field(tiny_w2v)) == (320, 400)  # 20 ms steps, 25 ms windows
+    wave = torch.randn(2 * 16000, generator=torch.Generator().manual_seed(3))
+    times = frame_times(50, 25.0)
+    features = frame_audio_features(tiny_w2v, wave, times, num_layers=2)
+    steps = audio_step_features(tiny_w2v, wave, num_layers=2)
+    centres = (torch.arange(len(steps)) * 320 + 200) / 16000
+    inside = (centres[None] - times[:, None]).abs() <= 0.5
+    expected = (inside.float() @ steps) / inside.sum(1, keepdim=True)
+    assert features.shape == (50, 64) and (features - expected).abs().max() <= 1e-5
