@@ -10,6 +10,7 @@ presentation times, and `read_audio` gives the mono 16 kHz waveform (empty, with
 False, for a video without sound).
 """
 import argparse
+import hashlib
 import json
 import math
 import shutil
@@ -193,6 +194,111 @@ def read_audio(path, sample_rate=SAMPLE_RATE):
     return wave.contiguous(), True
 
 
+# --------------------------------------------------------------------------- faces: detection
+
+@dataclass
+class DetectConfig:
+    score_threshold: float = 0.5  # face probability a candidate needs
+    min_size: int = 30            # smallest box side, in frame pixels
+    nms_iou: float = 0.4
+    max_side: int = 640           # frames are scaled down to this longer side for the detector
+    batch_size: int = 32          # frames per detector forward
+
+
+@dataclass
+class VideoFaces:
+    """Every detection in a video, flat: frame f owns rows offsets[f]:offsets[f + 1]."""
+    times: torch.Tensor      # (frames,) presentation times, seconds
+    counts: torch.Tensor     # (frames,) faces found on each frame
+    boxes: torch.Tensor      # (faces, 4) x1, y1, x2, y2 in frame pixels
+    scores: torch.Tensor     # (faces,)
+    landmarks: torch.Tensor  # (faces, 5, 2)
+
+    def per_frame(self):
+        """[(boxes (K, 4), scores (K,))] per frame, as the tracker takes them."""
+        counts = self.counts.tolist()
+        return list(zip(self.boxes.split(counts), self.scores.split(counts)))
+
+
+def detect_frames(detector, frames, cfg=DetectConfig()):
+    """Faces in a batch of uint8 RGB frames (B, H, W, 3), boxes in the frames' own pixels."""
+    height, width = frames.shape[1:3]
+    scale = min(1.0, cfg.max_side / max(height, width))
+    images = frames
+    if scale < 1.0:
+        size = (round(height * scale), round(width * scale))
+        images = F.interpolate(frames.permute(0, 3, 1, 2).float(), size=size, mode="bilinear", antialias=True)
+        images = images.round_().clamp_(0, 255).to(torch.uint8)
+    faces = detector.detect(images, cfg.score_threshold, cfg.nms_iou, cfg.min_size * scale)
+    if scale < 1.0:
+        for face in faces:
+            face.boxes, face.landmarks = face.boxes / scale, face.landmarks / scale
+    return faces
+
+
+def detect_video(path, detector, cfg=DetectConfig(), cache_dir=None, progress=True):
+    """VideoFaces of a whole video, decoded and detected batch by batch.
+
+    With cache_dir the result is kept in <cache_dir>/<video name>.faces.safetensors and reused
+    while the video file (path, size, modification time), the detector's weights and cfg stay the
+    same; anything else rebuilds it. A damaged cache file is reported and rebuilt.
+    """
+    path = Path(path)
+    stat = path.stat() if path.is_file() else None
+    key = json.dumps({"video": str(path.resolve()), "size": stat and stat.st_size,
+                      "mtime_ns": stat and stat.st_mtime_ns, "detector": weights_fingerprint(detector),
+                      "settings": asdict(cfg)}, sort_keys=True)
+    cache = Path(cache_dir) / f"{path.name}.faces.safetensors" if cache_dir else None
+    if cache is not None and cache.exists():
+        cached = _read_faces_cache(cache, key)
+        if cached is not None:
+            return cached
+    info = probe(path)
+    times, counts, boxes, scores, landmarks = [], [], [], [], []
+    with tqdm(total=info.frames, desc=f"faces {path.name}", unit="frame", disable=not progress) as bar:
+        for frames, frame_times in iter_frames(path, cfg.batch_size):
+            for face in detect_frames(detector, frames, cfg):
+                counts.append(len(face.scores))
+                boxes.append(face.boxes.cpu())
+                scores.append(face.scores.cpu())
+                landmarks.append(face.landmarks.cpu())
+            times.append(frame_times)
+            bar.update(len(frames))
+    faces = VideoFaces(times=torch.cat(times) if times else torch.zeros(0, dtype=torch.float64),
+                       counts=torch.tensor(counts, dtype=torch.long),
+                       boxes=torch.cat(boxes) if boxes else torch.zeros(0, 4),
+                       scores=torch.cat(scores) if scores else torch.zeros(0),
+                       landmarks=torch.cat(landmarks) if landmarks else torch.zeros(0, 5, 2))
+    if cache is not None:
+        from safetensors.torch import save_file
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(cache) as tmp:
+            save_file({k: v.contiguous() for k, v in asdict(faces).items()}, str(tmp), metadata={"key": key})
+    return faces
+
+
+def _read_faces_cache(cache, key):
+    """The cached VideoFaces if the cache file is intact and was made for this key, else None."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(cache), "pt") as f:
+            if (f.metadata() or {}).get("key") != key:
+                return None
+            return VideoFaces(**{name: f.get_tensor(name) for name in f.keys()})
+    except Exception as e:  # damaged or foreign file: say so, then detect again
+        tqdm.write(f"warning: face cache {cache} is unreadable ({e}); detecting again", file=sys.stderr)
+        return None
+
+
+def weights_fingerprint(module):
+    """A short hash of a module's weights, so caches notice a different detector."""
+    digest = hashlib.sha1()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 # ----------------------------------------------------------------------------- faces: tracking
 
 @dataclass
@@ -300,6 +406,26 @@ def crop_faces(frames, boxes, scales=(0.9, 1.2, 1.5), size=224, resize=256):
     images = frames.permute(0, 3, 1, 2).float().div_(255)
     crops = roi_align(images, rois, output_size=size, spatial_scale=1.0, sampling_ratio=0, aligned=True)
     return crops.view(len(frames), len(scales), 3, size, size)
+
+
+def iter_face_crops(path, boxes, scales=(0.9, 1.2, 1.5), size=224, resize=256, batch_size=32):
+    """Yield (frame indices, crops (B, len(scales), 3, size, size)) for the frames of a video that
+    have a box; boxes: (frames, 4) with NaN rows where the face is unknown (a FaceTrack's)."""
+    start = 0
+    for frames, _ in iter_frames(path, batch_size):
+        index = torch.arange(start, start + len(frames))
+        start += len(frames)
+        index = index[index < len(boxes)]
+        known = index[~boxes[index].isnan().any(1)]
+        if len(known):
+            yield known, crop_faces(frames[known - index[0]], boxes[known], scales, size, resize)
+
+
+def track_video(path, detector, rule="largest", detect_cfg=DetectConfig(), track_cfg=TrackConfig(),
+                cache_dir=None, progress=True):
+    """(FaceTrack of the target person or None, frame times): detect (cached), link, choose, fill, smooth."""
+    faces = detect_video(path, detector, detect_cfg, cache_dir, progress)
+    return choose_track(faces.per_frame(), len(faces.counts), rule, track_cfg), faces.times
 
 
 # ------------------------------------------------------------------------------- audio features

