@@ -281,3 +281,28 @@ def test_synth_refuses_to_mix_with_other_files(tmp_path):
     with pytest.raises(EmoError, match="no synthetic-dataset manifest"):
         data.synthesize(data.SynthConfig(out=str(tmp_path), overwrite=True, **SMALL))
     assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("rule", ["left", "right", "largest"])
+def test_tracker_rules_on_the_two_person_clip(dataset, rule):
+    """The synthetic two-person video's true boxes, shuffled per frame, as the detector's output:
+    the left / right rule must give back the <video>_left / <video>_right person."""
+    out, manifest = dataset
+    (pair,) = manifest["two_person"]
+    truth = json.loads((out / "boxes" / f"{pair}.json").read_text())["boxes"]
+    ids = [f"{pair}_left", f"{pair}_right"]
+    num_frames = len(truth[ids[0]])
+    detections = []
+    for f in range(num_frames):
+        boxes = [truth[i][f] for i in (ids if f % 2 else ids[::-1]) if truth[i][f] is not None]
+        detections.append((torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), torch.full((len(boxes),), 0.9)))
+    track = data.choose_track(detections, num_frames, rule, data.TrackConfig(smooth=1))
+    if rule == "largest":
+        areas = {i: np.mean([(b[2] - b[0]) * (b[3] - b[1]) for b in truth[i] if b]) for i in ids}
+        rule = "left" if areas[ids[0]] > areas[ids[1]] else "right"
+    expected = truth[f"{pair}_{rule}"]
+    for f in range(num_frames):
+        if expected[f] is not None:
+            assert track.detected[f] and torch.allclose(track.boxes[f], torch.tensor(expected[f], dtype=torch.float32))
+        else:
+            assert not track.detected[f]
