@@ -5,8 +5,8 @@
     RetinaFace  face detector (MobileNet-0.25 or ResNet-34 backbone), boxes and 5 landmarks
 
 Each loads its checkpoint with `Model.from_pretrained(name_or_path, revision=None)`, from a local
-directory or a hub repo id; the encoders compute what transformers computes for them. The classes themselves depend only on torch:
-copy one into your project and build it from its config dataclass.
+directory or a hub repo id; the encoders compute what transformers computes for them. The classes
+themselves depend only on torch: copy one into your project and build it from its config dataclass.
 """
 import math
 import re
