@@ -3,6 +3,7 @@
     ViT         DINOv2 image encoder (small/base/large/giant, with or without registers)
     Wav2Vec2    wav2vec 2.0 speech encoder (base-style and large-LV60-style)
     RetinaFace  face detector (MobileNet-0.25 or ResNet-34 backbone), boxes and 5 landmarks
+    MoEHead, LinearHead, EmotionClassifier   Stage I: a head on the ViT's CLS token
 
 Each loads its checkpoint with `Model.from_pretrained(name_or_path, revision=None)`, from a local
 directory or a hub repo id; the encoders compute what transformers computes for them. The classes
@@ -232,6 +233,148 @@ def vit_state_dict_from_hf(tensors):
     state = rename_from_hf(tensors, _VIT_FROM_HF, prefix="dinov2.", backbone=r"(embeddings|encoder|layernorm)\.",
                            ignore=r"embeddings\.mask_token")
     return fuse_qkv(state)
+
+
+# ------------------------------------------------------------------------------ Stage I heads
+
+def init_head_weights(module):
+    """Linear weights ~ normal(0, 0.02) truncated at +/- 2 std, zero biases; LayerNorm weight 1, bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02, a=-0.04, b=0.04)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class SwiGLU(nn.Module):
+    """out(Dropout(value(x) * SiLU(gate(x)))): the SiLU goes on `gate`, the second input projection
+    of the recipe's Linear(2*dim, dim)(Dropout(Linear(dim, 2*dim)(x) * SiLU(Linear(dim, 2*dim)(x))))."""
+
+    def __init__(self, dim, hidden, dropout=0.0):
+        super().__init__()
+        self.value = nn.Linear(dim, hidden)
+        self.gate = nn.Linear(dim, hidden)
+        self.out = nn.Linear(hidden, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        x = linear(x, self.value.weight, self.value.bias) * F.silu(linear(x, self.gate.weight, self.gate.bias))
+        return linear(self.dropout(x), self.out.weight, self.out.bias)
+
+
+class ExpertBlock(nn.Module):
+    """Pre-LN residual block x + DropPath(SwiGLU(LN(x)))."""
+
+    def __init__(self, dim, hidden, dropout=0.0, drop_path_rate=0.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.ffn = SwiGLU(dim, hidden, dropout)
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, x):
+        return x + drop_path(self.ffn(self.norm(x)), self.drop_path_rate, self.training)
+
+
+class MoEHead(nn.Module):
+    """Mixture-of-experts classifier on the final-normed CLS features, as the Stage I recipe's.
+
+    x = LN(cls); weights = softmax(Linear(GELU(LN(Linear(x))))) over the experts (dense soft routing:
+    every expert runs on every sample, no top-k, no auxiliary loss); each expert is
+    len(drop_path_rates) ExpertBlocks of width dim with a SwiGLU of hidden width 2*dim; the
+    weighted sum of the expert outputs -> LN -> Dropout(dropout) -> Linear(dim, num_classes).
+    At dim 1024, 8 classes, 4 experts of 3 blocks: 75,859,724 parameters.
+    """
+
+    def __init__(self, dim=1024, num_classes=8, experts=4, blocks_per_expert=3, router_hidden=256,
+                 drop_path_rates=(0.0, 0.05, 0.10), dropout=0.6, expert_dropout=0.1):
+        super().__init__()
+        if len(drop_path_rates) != blocks_per_expert:
+            raise ValueError(f"{blocks_per_expert} blocks per expert but {len(drop_path_rates)} drop-path rates")
+        self.norm = nn.LayerNorm(dim)
+        self.router = nn.Sequential(nn.Linear(dim, router_hidden), nn.LayerNorm(router_hidden), nn.GELU(),
+                                    nn.Linear(router_hidden, experts))
+        self.experts = nn.ModuleList(
+            nn.Sequential(*(ExpertBlock(dim, 2 * dim, expert_dropout, rate) for rate in drop_path_rates))
+            for _ in range(experts))
+        self.out_norm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(dim, num_classes)
+        init_head_weights(self)
+
+    def forward(self, cls_features, return_routing=False):
+        """cls_features: (batch, dim) -> logits (batch, num_classes), and with return_routing=True
+        also the routing weights (batch, experts), positive and summing to 1 per sample."""
+        x = self.norm(cls_features)
+        weights = self.router(x).softmax(dim=-1)
+        outputs = torch.stack([expert(x) for expert in self.experts], dim=1)  # (batch, experts, dim)
+        x = torch.einsum("be,bed->bd", weights.to(outputs.dtype), outputs)
+        logits = self.classifier(self.dropout(self.out_norm(x)))
+        return (logits, weights) if return_routing else logits
+
+
+class LinearHead(nn.Module):
+    """LN -> Dropout -> Linear, the ablation's head. The LayerNorm (norm=True) mirrors MoEHead's input
+    LN, so that comparing the two isolates the experts; norm=False is a plain linear probe."""
+
+    def __init__(self, dim, num_classes, dropout=0.0, norm=True):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(dim, num_classes)
+        init_head_weights(self)
+
+    def forward(self, cls_features, return_routing=False):
+        logits = self.classifier(self.dropout(self.norm(cls_features)))
+        return (logits, None) if return_routing else logits
+
+
+class EmotionClassifier(nn.Module):
+    """A ViT backbone and a head on its final-normed CLS token: classifier(images) -> logits.
+
+    For layer-wise learning-rate decay, `layer_id(name)` numbers each parameter's depth:
+    0 for the patch embedding and the tokens (cls, registers, position table), i + 1 for
+    backbone.blocks[i], num_layers + 1 for the final norm and the head; `parameter_layers()`
+    yields (name, parameter, layer id) for the trainable ones.
+    """
+
+    def __init__(self, vit, head):
+        super().__init__()
+        self.backbone = vit
+        self.head = head
+
+    @property
+    def num_layers(self):
+        return len(self.backbone.blocks)
+
+    def features(self, images):
+        """(batch, 3, H, W) -> the final-normed CLS features (batch, dim), what Stage II extracts."""
+        return self.backbone(images)[:, 0]
+
+    def forward(self, images, return_routing=False):
+        return self.head(self.features(images), return_routing=return_routing)
+
+    def head_parameters(self):
+        return list(self.head.parameters())
+
+    def backbone_parameters(self):
+        return list(self.backbone.parameters())
+
+    def layer_id(self, name):
+        """Depth of the parameter `name` (as named_parameters() names it)."""
+        if name.startswith("backbone.blocks."):
+            return int(name.split(".")[2]) + 1
+        if name.startswith(("backbone.patch_embed.", "backbone.cls_token", "backbone.pos_embed",
+                            "backbone.register_tokens")):
+            return 0
+        return self.num_layers + 1  # backbone.norm and the head
+
+    def parameter_layers(self):
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                yield name, param, self.layer_id(name)
 
 
 # ----------------------------------------------------------------------------------- Wav2Vec2
