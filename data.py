@@ -25,7 +25,11 @@ import torch
 import torch.nn.functional as F
 import torchaudio.functional
 from PIL import Image, ImageDraw, ImageFilter
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_image
 from torchvision.ops import box_iou, roi_align
+from torchvision.transforms import v2
+from torchvision.transforms.v2.functional import pil_to_tensor, to_pil_image
 from tqdm import tqdm
 
 from emo import CLASSES, IGNORE_LABEL, EmoError, atomic_path, save_json
@@ -508,6 +512,328 @@ def frame_audio_features(w2v, wave, times, num_layers=4, chunk_seconds=20.0, win
     steps = audio_step_features(w2v, wave, num_layers, chunk_seconds)
     return align_audio(steps, times, hop_seconds=audio_hop(w2v) / SAMPLE_RATE,
                        first_step_time=audio_receptive_field(w2v) / 2 / SAMPLE_RATE, window=window)
+
+
+# ------------------------------------------------------- Stage I: image datasets and transforms
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+AFFECTNET_TO_CLASS = (0, 4, 5, 6, 3, 2, 1, 7)  # AffectNet code -> emo class
+RAFDB_TO_CLASS = {1: 6, 2: 3, 3: 2, 4: 4, 5: 5, 6: 1, 7: 0}  # RAF-DB 1..7 -> emo class
+RAFDB_LIST = Path("EmoLabel") / "list_patition_label.txt"  # sic: RAF-DB's own spelling
+PAD_SIDES = {"left": ("left",), "right": ("right",), "top": ("top",), "bottom": ("bottom",),
+             "top-left": ("top", "left"), "top-right": ("top", "right"),
+             "bottom-left": ("bottom", "left"), "bottom-right": ("bottom", "right")}
+PAD_PATTERNS = tuple(PAD_SIDES)
+
+
+class PadAug(torch.nn.Module):
+    """Random black border bar(s) plus a small shift, like the padding face crops get at the frame's edge.
+
+    With probability p: one of 8 patterns (a bar on one side, or an L on two adjacent sides).
+    The content moves 1..max(1, min(10, round(0.02 * min(w, h)))) pixels toward the bar side(s),
+    the strip it leaves black; then the bar(s): a single bar covers U(0.03, 0.20) of its side; an L
+    has fractions v (of the width) and h (of the height) drawn until v + h - v*h <= 0.20 (50 tries,
+    else 0.12 / 0.12), so the bars cover at most 20% of the image. Works on uint8 or float
+    (..., C, H, W) tensors and PIL images, in any torchvision pipeline; draws from torch's RNG.
+    """
+
+    def __init__(self, p=0.6, min_fraction=0.03, max_fraction=0.20, max_area=0.20, tries=50):
+        super().__init__()
+        self.p, self.min_fraction, self.max_fraction = p, min_fraction, max_fraction
+        self.max_area, self.tries = max_area, tries
+
+    def sample_params(self, h, w, generator=None):
+        """dict(apply, pattern, shift, v, h): v / h are the fractions of the width / height that the
+        vertical / horizontal bar covers (0 where the pattern has none); shift is in pixels."""
+        def uniform(low, high):
+            return low + (high - low) * float(torch.rand((), generator=generator))
+        apply = float(torch.rand((), generator=generator)) < self.p
+        pattern = PAD_PATTERNS[int(torch.randint(len(PAD_PATTERNS), (), generator=generator))]
+        max_shift = max(1, min(10, round(0.02 * min(w, h))))
+        shift = int(torch.randint(1, max_shift + 1, (), generator=generator))
+        sides = PAD_SIDES[pattern]
+        if len(sides) == 1:
+            fraction = uniform(self.min_fraction, self.max_fraction)
+            v, h_ = (fraction, 0.0) if sides[0] in ("left", "right") else (0.0, fraction)
+        else:
+            for _ in range(self.tries):
+                v, h_ = uniform(self.min_fraction, self.max_fraction), uniform(self.min_fraction, self.max_fraction)
+                if v + h_ - v * h_ <= self.max_area:
+                    break
+            else:
+                v = h_ = 0.12
+        return dict(apply=apply, pattern=pattern, shift=shift, v=v, h=h_)
+
+    def forward(self, image):
+        if isinstance(image, Image.Image):
+            return to_pil_image(self(pil_to_tensor(image)), mode=image.mode)
+        params = self.sample_params(*image.shape[-2:])
+        return pad_and_shift(image, params) if params["apply"] else image
+
+
+def pad_and_shift(image, params):
+    """Apply PadAug's drawn parameters to a (..., C, H, W) tensor; returns a new tensor."""
+    height, width = image.shape[-2:]
+    sides, shift = PAD_SIDES[params["pattern"]], params["shift"]
+    dy = -shift if "top" in sides else shift if "bottom" in sides else 0  # toward the bar
+    dx = -shift if "left" in sides else shift if "right" in sides else 0
+    out = torch.zeros_like(image)
+    out[..., max(dy, 0):height + min(dy, 0), max(dx, 0):width + min(dx, 0)] = \
+        image[..., max(-dy, 0):height - max(dy, 0), max(-dx, 0):width - max(dx, 0)]
+    bar_w, bar_h = int(params["v"] * width), int(params["h"] * height)  # floor: never past the drawn fraction
+    if "left" in sides:
+        out[..., :, :bar_w] = 0
+    if "right" in sides and bar_w:
+        out[..., :, width - bar_w:] = 0
+    if "top" in sides:
+        out[..., :bar_h, :] = 0
+    if "bottom" in sides and bar_h:
+        out[..., height - bar_h:, :] = 0
+    return out
+
+
+def train_transform(size=224):
+    """Stage I training augmentation on a uint8 (C, H, W) image; returns normalised float32."""
+    return v2.Compose([
+        v2.ToImage(),
+        v2.RandomResizedCrop(size, scale=(0.8, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomApply([v2.ColorJitter(0.25, 0.25, 0.15, 0.02)], p=0.8),
+        v2.RandomGrayscale(p=0.1),
+        v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 1.5))], p=0.1),
+        PadAug(p=0.6),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        v2.RandomErasing(p=0.25, scale=(0.02, 0.12), value=0),
+        v2.ToPureTensor(),
+    ])
+
+
+def eval_transform(size=224, resize=256):
+    """Shorter side to `resize` (bicubic), centre crop `size`, ImageNet normalisation."""
+    return v2.Compose([
+        v2.ToImage(),
+        v2.Resize(resize, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.CenterCrop(size),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        v2.ToPureTensor(),
+    ])
+
+
+def read_image(path):
+    """A JPEG or PNG file as a uint8 RGB (3, H, W) tensor; EmoError naming the file otherwise."""
+    try:
+        encoded = Path(path).read_bytes()
+        if not encoded:
+            raise ValueError("empty file")
+        return decode_image(torch.frombuffer(bytearray(encoded), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except FileNotFoundError:
+        raise EmoError(f"{path} does not exist") from None
+    except (OSError, RuntimeError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EmoError(f"{path} is not a readable image ({reason})") from None
+
+
+def check_labels(labels, source):
+    """Labels as a LongTensor, all in 0..7; EmoError naming `source` otherwise."""
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    bad = (labels < 0) | (labels >= len(CLASSES))
+    if bad.any():
+        raise EmoError(f"{source}: label {int(labels[bad][0])} is outside 0..{len(CLASSES) - 1}")
+    return labels
+
+
+def check_classes(labels, source="dataset"):
+    """Samples per class (LongTensor of 8); EmoError naming the classes that have none."""
+    counts = torch.bincount(check_labels(labels, source), minlength=len(CLASSES))
+    empty = [CLASSES[i] for i in range(len(CLASSES)) if counts[i] == 0]
+    if empty:
+        raise EmoError(f"{source} has no samples of {', '.join(empty)}")
+    return counts
+
+
+class ImageDataset(Dataset):
+    """Image files with their labels: (transformed image, label 0..7) per item.
+
+    `labels` (a LongTensor) is known without reading any image, for class weights and samplers.
+    """
+
+    def __init__(self, paths, labels, transform=None, source="dataset"):
+        self.paths = [str(p) for p in paths]
+        self.labels = check_labels(labels, source)
+        if len(self.paths) != len(self.labels):
+            raise ValueError(f"{len(self.paths)} paths but {len(self.labels)} labels")
+        if not self.paths:
+            raise EmoError(f"{source}: no images found")
+        self.transform, self.source = transform, source
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        image = read_image(self.paths[index])
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[index])
+
+
+class ImageFolderDataset(ImageDataset):
+    """A Stage I image set in one of three layouts:
+
+    plain:     <root>/<ClassName>/*.{jpg,jpeg,png}, emo's 8 class names (any case);
+    affectnet: <root>/<0..7>/*, AffectNet expression codes, remapped to emo's classes;
+    rafdb:     <root>/<1..7>/*, RAF-DB codes (Surprise, Fear, Disgust, Happy, Sad, Anger, Neutral),
+               or RAF-DB's release: <root>/EmoLabel/list_patition_label.txt with images in
+               <root>/Image/aligned/ (name_aligned.jpg) or <root>/Image/original/.
+    split ("train", "test", ...) picks <root>/<split>/ for the folder layouts, and the file-name
+    prefix in RAF-DB's list file.
+    """
+
+    def __init__(self, root, layout="plain", transform=None, split=None):
+        root = Path(root)
+        if not root.is_dir():
+            raise EmoError(f"{root} does not exist" if not root.exists() else f"{root} is not a folder")
+        if layout not in ("plain", "affectnet", "rafdb"):
+            raise EmoError(f"unknown image-set layout {layout!r}; expected plain, affectnet or rafdb")
+        if layout == "rafdb" and (root / RAFDB_LIST).is_file():
+            paths, labels = rafdb_list_samples(root, split)
+        else:
+            folder = root / split if split else root
+            if not folder.is_dir():
+                raise EmoError(f"{folder} does not exist")
+            paths, labels = class_folder_samples(folder, folder_classes(layout))
+            root = folder
+        self.root, self.layout = root, layout
+        super().__init__(paths, labels, transform, source=f"{root} ({layout} layout)")
+
+
+def folder_classes(layout):
+    """Folder name (lower case) -> emo class, for a class-folder layout."""
+    if layout == "affectnet":
+        return {str(code): label for code, label in enumerate(AFFECTNET_TO_CLASS)}
+    if layout == "rafdb":
+        return {str(code): label for code, label in RAFDB_TO_CLASS.items()}
+    return {name.lower(): label for label, name in enumerate(CLASSES)}
+
+
+def class_folder_samples(root, classes):
+    paths, labels = [], []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if folder.name.lower() not in classes:
+            raise EmoError(f"{folder}: folder name is not a class; expected folders named "
+                           f"{', '.join(classes)}")
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        paths += files
+        labels += [classes[folder.name.lower()]] * len(files)
+    if not paths:
+        raise EmoError(f"{root}: no images found (expected {', '.join(IMAGE_SUFFIXES)} files in class "
+                       f"folders named {', '.join(classes)})")
+    return paths, labels
+
+
+def rafdb_list_samples(root, split=None):
+    """(paths, labels) from RAF-DB's list file; split keeps the names starting with `split`_."""
+    list_file = root / RAFDB_LIST
+    aligned = (root / "Image" / "aligned").is_dir()
+    paths, labels = [], []
+    for number, line in enumerate(list_file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            name, code = line.split()
+            label = RAFDB_TO_CLASS[int(code)]
+        except (ValueError, KeyError):
+            raise EmoError(f"{list_file} line {number}: expected '<name>.jpg <1..7>', got {line.strip()!r}") from None
+        if split and not name.startswith(f"{split}_"):
+            continue
+        stem = Path(name).stem
+        paths.append(root / "Image" / "aligned" / f"{stem}_aligned.jpg" if aligned else
+                     root / "Image" / "original" / name)
+        labels.append(label)
+    if not paths:
+        raise EmoError(f"{list_file}: no images" + (f" in split {split!r}" if split else ""))
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise EmoError(f"{len(missing)} images listed in {list_file} are missing, e.g. {missing[0]}")
+    return paths, labels
+
+
+def read_annotation(path):
+    """An ABAW EXPR annotation file: one label per frame (-1 = ignore) as a LongTensor."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise EmoError(f"{path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise EmoError(f"{path} is not a readable annotation file ({e})") from None
+    if not lines or lines[0].replace(" ", "").lower() != ABAW_HEADER.lower():
+        raise EmoError(f"{path}: first line must be the header {ABAW_HEADER}")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    values = []
+    for number, line in enumerate(lines[1:], 2):
+        try:
+            value = int(line)
+        except ValueError:
+            raise EmoError(f"{path} line {number}: expected a label -1..{len(CLASSES) - 1}, got {line!r}") from None
+        if not IGNORE_LABEL <= value < len(CLASSES):
+            raise EmoError(f"{path} line {number}: label {value} is outside -1..{len(CLASSES) - 1}")
+        values.append(value)
+    if not values:
+        raise EmoError(f"{path} has a header but no frame labels")
+    return torch.tensor(values, dtype=torch.long)
+
+
+class AffWild2Frames(ImageDataset):
+    """Aff-Wild2 aligned face crops with their EXPR labels: the frames of each annotation id that
+    have a crop (cropped_aligned/<id>/<5-digit 1-based>.jpg) and a label other than -1.
+
+    frames_per_video=K keeps K frames per video spread evenly over its valid frames (all when it
+    has fewer): a quick validation set. `frames` holds (annotation id, 1-based frame) per item.
+    """
+
+    def __init__(self, cropped_aligned_dir, annotation_dir, frames_per_video=None, transform=None):
+        crops, annotations = Path(cropped_aligned_dir), Path(annotation_dir)
+        for folder in (crops, annotations):
+            if not folder.is_dir():
+                raise EmoError(f"{folder} does not exist" if not folder.exists() else f"{folder} is not a folder")
+        if frames_per_video is not None and frames_per_video < 1:
+            raise EmoError(f"frames_per_video must be at least 1, got {frames_per_video}")
+        files = sorted(annotations.glob("*.txt"))
+        if not files:
+            raise EmoError(f"{annotations} has no annotation .txt files")
+        paths, labels, self.frames, self.videos_without_crops = [], [], [], []
+        for file in files:
+            video_id, per_frame = file.stem, read_annotation(file)
+            folder = crops / video_id
+            if not folder.is_dir():
+                self.videos_without_crops.append(video_id)
+                continue
+            present = {p.name for p in folder.iterdir()}  # one listing, not a stat per frame
+            valid = [i for i in torch.nonzero(per_frame != IGNORE_LABEL).flatten().tolist()
+                     if f"{i + 1:05d}.jpg" in present]
+            if frames_per_video is not None and len(valid) > frames_per_video:
+                k, n = frames_per_video, len(valid)
+                valid = [valid[(2 * j + 1) * n // (2 * k)] for j in range(k)]  # the middles of k equal runs
+            paths += [folder / f"{i + 1:05d}.jpg" for i in valid]
+            labels += [int(per_frame[i]) for i in valid]
+            self.frames += [(video_id, i + 1) for i in valid]
+        if not paths:
+            raise EmoError(f"no labelled face crops found: {annotations} names {len(files)} videos, none with "
+                           f"frames under {crops}/<id>/00001.jpg...")
+        super().__init__(paths, labels, transform, source=f"{annotations} with crops in {crops}")
+
+
+def make_loader(dataset, batch_size, train, workers, sampler=None):
+    """A DataLoader: shuffled (unless a sampler is given) and drop_last when training; worker
+    processes kept alive between epochs; pinned memory when CUDA is there."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+                      num_workers=workers, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=workers > 0, drop_last=train)
 
 
 # ---------------------------------------------------------------------------- synthetic faces
