@@ -32,7 +32,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor, to_pil_image
 from tqdm import tqdm
 
-from emo import CLASSES, IGNORE_LABEL, EmoError, atomic_path, save_json
+from emo import CLASSES, IGNORE_LABEL, EmoError, atomic_path, run, save_json
 from models import normalize_waveform
 
 SAMPLE_RATE = 16000  # what wav2vec 2.0 expects
@@ -1307,22 +1307,17 @@ def main(argv=None):
     s.add_argument("--overwrite", action="store_true",
                    help="replace a synthetic dataset written to OUT before (only its own files are deleted)")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "probe":
-            print(json.dumps(asdict(probe(args.video)), indent=2))
-        elif args.command == "synth":
-            config = SynthConfig(out=args.out, seed=args.seed, videos=args.videos, frames=args.frames,
-                                 width=args.size[0], height=args.size[1], fps=args.fps, images=args.images,
-                                 overwrite=args.overwrite)
-            manifest = synthesize(config)
-            ids = sum(len(v) for v in manifest["splits"].values())
-            print(f"wrote {len(manifest['videos'])} videos, {ids} annotation ids and "
-                  f"{sum(manifest['images'].values())} images to {args.out}")
-    except EmoError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    if args.command == "probe":
+        print(json.dumps(asdict(probe(args.video)), indent=2))
+    elif args.command == "synth":
+        config = SynthConfig(out=args.out, seed=args.seed, videos=args.videos, frames=args.frames,
+                             width=args.size[0], height=args.size[1], fps=args.fps, images=args.images,
+                             overwrite=args.overwrite)
+        manifest = synthesize(config)
+        ids = sum(len(v) for v in manifest["splits"].values())
+        print(f"wrote {len(manifest['videos'])} videos, {ids} annotation ids and "
+              f"{sum(manifest['images'].values())} images to {args.out}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

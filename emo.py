@@ -240,12 +240,16 @@ def main(argv=None):
     bench.add_argument("--compile", action="store_true", help="also time emo under torch.compile")
     bench.add_argument("--small", action="store_true", help="tiny configs, to check the script quickly")
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from tests import bench as benchmarks  # the reference implementations are test dependencies
+        benchmarks.run(args.what, device=args.device, repeats=args.repeats, compile=args.compile, small=args.small)
+
+
+def run(main, argv=None):
+    """Run a command line's main: an EmoError becomes one `error: ...` line and exit status 2."""
     try:
-        if args.command == "bench":
-            sys.path.insert(0, str(Path(__file__).resolve().parent))
-            from tests import bench as benchmarks  # the reference implementations are test dependencies
-            benchmarks.run(args.what, device=args.device, repeats=args.repeats, compile=args.compile,
-                           small=args.small)
+        main(argv)
     except EmoError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -253,4 +257,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

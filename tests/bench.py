@@ -197,4 +197,5 @@ def run_media(device, repeats, small):
 
 
 if __name__ == "__main__":
-    sys.exit(__import__("emo").main(["bench", *sys.argv[1:]]))
+    emo = __import__("emo")
+    sys.exit(emo.run(emo.main, ["bench", *sys.argv[1:]]))

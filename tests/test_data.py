@@ -171,7 +171,7 @@ def test_broken_files_raise_one_clear_line(tmp_path, dataset, capsys):
                 read(path)
             message = str(error.value)
             assert "\n" not in message and str(path) in message
-    assert data.main(["probe", str(text)]) == 2
+    assert data.run(data.main, ["probe", str(text)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
 
@@ -267,7 +267,7 @@ def test_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
         data.main(["synth", "--help"])
     assert done.value.code == 0 and "--seed" in capsys.readouterr().out
-    assert data.main(["synth", str(tmp_path / "x"), "--videos", "2"]) == 2
+    assert data.run(data.main, ["synth", str(tmp_path / "x"), "--videos", "2"]) == 2
     assert "at least 4" in capsys.readouterr().err
     with pytest.raises(SystemExit) as done:
         data.main(["synth", str(tmp_path / "x"), "--size", "big"])
