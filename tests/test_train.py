@@ -1,0 +1,81 @@
+"""train.py, Stage I, on the synthetic dataset with a tiny random DINOv2."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import hf_checkpoints as hf
+import train
+from emo import run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stage1")
+    data.synthesize(data.SynthConfig(out=str(out / "synth"), videos=4, frames=60, width=96, height=72, images=24))
+    backbone = hf.save(hf.dinov2(num_hidden_layers=2), out / "backbone")
+    return out, backbone
+
+
+def args(setup, out, *extra):
+    root, backbone = setup
+    synth = root / "synth"
+    return ["--stage", "1", "--data", f"plain:{synth / 'images'}",
+            "--val", f"{synth / 'cropped_aligned'},{synth / 'annotations/EXPR_Recognition_Challenge/Validation_Set'}",
+            "--backbone", str(backbone), "--out", str(out), "--image-size", "56", "--batch-size", "16",
+            "--workers", "0", "--freeze-blocks", "0", "--lr-backbone", "1e-3", "--lr-head", "3e-3",
+            "--log-every", "2", *extra]
+
+
+def test_killed_run_resumes_to_the_same_weights(setup, tmp_path):
+    common = ["--epochs", "2", "--save-every", "3"]
+    assert train.main(args(setup, tmp_path / "whole", *common)) is None
+    killed = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args(setup, tmp_path / "killed", *common)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    state = tmp_path / "killed" / "last" / "model.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and killed.poll() is None:
+        if state.exists() and json.loads(state.read_text())["step"] >= 3:
+            break
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert train.main(args(setup, tmp_path / "killed", *common, "--resume")) is None
+    whole = load_file(tmp_path / "whole" / "last" / "model.safetensors")
+    resumed = load_file(tmp_path / "killed" / "last" / "model.safetensors")
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_bad_runs_fail_with_one_clear_line(setup, tmp_path, capsys):
+    def error(*argv):
+        assert run(train.main, list(argv)) == 2
+        message = capsys.readouterr().err.strip()
+        assert message.startswith("error: ") and "\n" not in message
+        return message
+
+    assert "no training data" in error(*[a for a in args(setup, tmp_path / "a") if not a.startswith("plain:")
+                                         and a != "--data"])
+    (tmp_path / "empty" / "Anger").mkdir(parents=True)
+    assert "no images found" in error(*args(setup, tmp_path / "b"), "--data", f"plain:{tmp_path / 'empty'}")
+    assert "does not exist" in error(*args(setup, tmp_path / "c", "--resume"))
+    assert "does not exist" in error(*args(setup, tmp_path / "d", "--backbone", str(tmp_path / "nowhere" / "x")))
+
+
+def test_two_process_torchrun_on_cpu(setup, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               str(ROOT / "train.py"), *args(setup, tmp_path / "ddp", "--epochs", "1")]
+    finished = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    position = json.loads((tmp_path / "ddp" / "last" / "model.json").read_text())
+    assert position["epoch"] == 1 and position["step"] == 192 // 16
+    assert (tmp_path / "ddp" / "best" / "model.safetensors").exists()
