@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from data import (AffWild2Frames, ImageFolderDataset, check_classes, eval_transform, make_loader,
                   train_transform)
-from emo import CLASSES, EmoError, confusion_matrix, f1_per_class, load_checkpoint, run, save_checkpoint
+from emo import (CLASSES, EmoError, confusion_matrix, f1_per_class, load_checkpoint, macro_f1, run,
+                 save_checkpoint)
 from models import EmotionClassifier, LinearHead, MoEHead, ViT
 
 
@@ -97,7 +98,7 @@ class EpochSampler(torch.utils.data.Sampler):
         return ((self.epoch, index) for index in self.order())
 
     def __len__(self):
-        return len(self.order())
+        return max(0, self.size // self.world - self.start)
 
 
 def load_sets(cfg):
@@ -222,11 +223,10 @@ def evaluate(model, loader, device, amp):
         with torch.autocast(device.type, torch.bfloat16, enabled=amp):
             predictions.append(model(images.to(device, non_blocking=True)).argmax(-1).cpu())
         labels.append(targets)
-    counts = confusion_matrix(torch.cat(labels), torch.cat(predictions))
-    per_class = f1_per_class(counts)
-    occurs = (counts.sum(0) + counts.sum(1)) > 0
+    labels, predictions = torch.cat(labels), torch.cat(predictions)
+    per_class = f1_per_class(confusion_matrix(labels, predictions))
     model.train()
-    return {"macro_f1": float(per_class[occurs].mean()), "f1": dict(zip(CLASSES, per_class.round(4).tolist()))}
+    return {"macro_f1": macro_f1(labels, predictions), "f1": dict(zip(CLASSES, per_class.round(4).tolist()))}
 
 
 def train_stage1(cfg, resume=False):
@@ -247,7 +247,7 @@ def train_stage1(cfg, resume=False):
 
     train_set, labels, val_set = load_sets(cfg)
     counts = torch.bincount(labels, minlength=len(CLASSES)).float()
-    class_weights = (1 / counts) / (1 / counts).mean()
+    class_weights = ((1 / counts) / (1 / counts).mean()).to(device)
     model = build_model(cfg).to(device)
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg), fused=device.type == "cuda")
     steps_per_epoch = len(train_set) // cfg.batch_size
@@ -271,14 +271,14 @@ def train_stage1(cfg, resume=False):
     log = open(out / "log.jsonl", "a") if rank == 0 else None
     model.train()
     for epoch in range(position["epoch"], cfg.epochs):
-        start = (step - epoch * steps_per_epoch) * cfg.batch_size // world
-        sampler = EpochSampler(len(train_set), cfg.seed, epoch, rank, world, start)
+        done = step - epoch * steps_per_epoch  # steps of this epoch taken before a resume
+        sampler = EpochSampler(len(train_set), cfg.seed, epoch, rank, world, done * cfg.batch_size // world)
         loader = torch.utils.data.DataLoader(seeded, micro_batch, sampler=sampler, num_workers=cfg.workers,
                                              pin_memory=device.type == "cuda", drop_last=True,
                                              generator=torch.Generator().manual_seed(cfg.seed))
         batches = iter(loader)
-        bar = tqdm(range(step - epoch * steps_per_epoch, steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   unit="step", disable=rank != 0)
+        bar = tqdm(range(done, steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
+                   disable=rank != 0)
         for _ in bar:
             set_learning_rates(optimizer, step, total_steps, cfg.min_lr)
             started = time.perf_counter()
@@ -290,7 +290,7 @@ def train_stage1(cfg, resume=False):
                 with trained.no_sync() if not sync else contextlib.nullcontext():
                     with torch.autocast(device.type, torch.bfloat16, enabled=amp):
                         logits = forward(images)
-                    loss = soft_cross_entropy(logits, soft, class_weights.to(device)) / cfg.accumulate
+                    loss = soft_cross_entropy(logits, soft, class_weights) / cfg.accumulate
                     loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
             optimizer.step()
