@@ -401,10 +401,12 @@ def crop_faces(frames, boxes, scales=(0.9, 1.2, 1.5), size=224, resize=256):
     centre-cropped to `size` (the encoder's eval transform), i.e. the middle size/resize of it.
     Returns (B, len(scales), 3, size, size) float in 0..1.
     """
+    boxes = boxes.to(frames.device)
     centre = (boxes[:, :2] + boxes[:, 2:]) / 2
     side = (boxes[:, 2:] - boxes[:, :2]).amax(1)
-    half = side[:, None] * torch.tensor(scales, dtype=side.dtype)[None] * (size / resize) / 2  # (B, S)
-    rois = torch.cat([torch.arange(len(frames)).repeat_interleave(len(scales))[:, None].to(side.dtype),
+    half = side[:, None] * torch.tensor(scales, dtype=side.dtype, device=side.device)[None] * (size / resize) / 2
+    frame_of_roi = torch.arange(len(frames), device=side.device).repeat_interleave(len(scales))
+    rois = torch.cat([frame_of_roi[:, None].to(side.dtype),
                       (centre[:, None] - half[..., None]).flatten(0, 1),
                       (centre[:, None] + half[..., None]).flatten(0, 1)], 1)
     images = frames.permute(0, 3, 1, 2).float().div_(255)
@@ -594,19 +596,21 @@ def pad_and_shift(image, params):
     return out
 
 
-def train_transform(size=224):
-    """Stage I training augmentation on a uint8 (C, H, W) image; returns normalised float32."""
+def train_transform(size=224, crop_scale=0.8, jitter=0.8, grayscale=0.1, blur=0.1, padaug=0.6, erasing=0.25):
+    """Stage I training augmentation on a uint8 (C, H, W) image; returns normalised float32.
+    The defaults are the recipe's; the keywords are the smallest crop area and the probabilities."""
     return v2.Compose([
         v2.ToImage(),
-        v2.RandomResizedCrop(size, scale=(0.8, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomResizedCrop(size, scale=(crop_scale, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
+                             antialias=True),
         v2.RandomHorizontalFlip(),
-        v2.RandomApply([v2.ColorJitter(0.25, 0.25, 0.15, 0.02)], p=0.8),
-        v2.RandomGrayscale(p=0.1),
-        v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 1.5))], p=0.1),
-        PadAug(p=0.6),
+        v2.RandomApply([v2.ColorJitter(0.25, 0.25, 0.15, 0.02)], p=jitter),
+        v2.RandomGrayscale(p=grayscale),
+        v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 1.5))], p=blur),
+        PadAug(p=padaug),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        v2.RandomErasing(p=0.25, scale=(0.02, 0.12), value=0),
+        v2.RandomErasing(p=erasing, scale=(0.02, 0.12), value=0),
         v2.ToPureTensor(),
     ])
 

@@ -234,7 +234,7 @@ def main(argv=None):
                                 description="backbones: the same random weights in emo and transformers, forward "
                                 "passes timed in one run; media: decode + detect + crop, batched and frame by "
                                 "frame (needs requirements-dev.txt).")
-    bench.add_argument("what", nargs="?", choices=("backbones", "media", "all"), default="all")
+    bench.add_argument("what", nargs="?", choices=("backbones", "train", "media", "all"), default="all")
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs per model (best is kept)")
     bench.add_argument("--compile", action="store_true", help="also time emo under torch.compile")

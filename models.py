@@ -32,7 +32,8 @@ def linear(x, weight, bias=None, gelu=False):
     separate passes over the output that PyTorch's eager ops make: about 8% of a ViT-L forward.
     """
     if (_onednn_linear is not None and x.device.type == "cpu" and x.dtype == torch.float32
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and not torch.compiler.is_compiling()):  # inductor lowers this op only for frozen constants
         return _onednn_linear(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
     x = F.linear(x, weight, bias)
     return F.gelu(x) if gelu else x
@@ -56,13 +57,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, mask=None):
-        """x: (batch, tokens, dim); mask: None or bool (batch, 1, 1, tokens), True = attend to that key."""
+    def forward(self, x, mask=None, queries=None):
+        """x: (batch, tokens, dim); mask: None or bool (batch, 1, 1, tokens), True = attend to that key.
+        queries=n: outputs for the first n tokens only (all tokens are still attended to)."""
         batch, tokens, dim = x.shape
         qkv = linear(x, self.qkv.weight, self.qkv.bias)
         q, k, v = qkv.view(batch, tokens, 3, self.num_heads, -1).transpose(1, 3).unbind(2)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return linear(x.transpose(1, 2).reshape(batch, tokens, dim), self.proj.weight, self.proj.bias)
+        x = F.scaled_dot_product_attention(q[:, :, :queries], k, v, attn_mask=mask)
+        return linear(x.transpose(1, 2).reshape(batch, -1, dim), self.proj.weight, self.proj.bias)
 
 
 class Mlp(nn.Module):
@@ -142,8 +144,10 @@ class ViTBlock(nn.Module):
         self.ls2 = nn.Parameter(torch.full((dim,), float(cfg.layerscale_value)))
         self.drop_path_rate = drop_path_rate
 
-    def forward(self, x):
-        x = x + drop_path(self.attn(self.norm1(x)) * self.ls1, self.drop_path_rate, self.training)
+    def forward(self, x, first_tokens=None):
+        """first_tokens=n: compute the first n output tokens only (the last block, when only CLS is used)."""
+        attended = self.attn(self.norm1(x), queries=first_tokens)
+        x = x[:, :first_tokens] + drop_path(attended * self.ls1, self.drop_path_rate, self.training)
         return x + drop_path(self.mlp(self.norm2(x)) * self.ls2, self.drop_path_rate, self.training)
 
 
@@ -192,7 +196,9 @@ class ViT(nn.Module):
                                 antialias=self.cfg.num_register_tokens > 0).to(table.dtype)
         return torch.cat([table[:, :1], patches.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
 
-    def forward(self, images):
+    def forward(self, images, cls_only=False):
+        """-> (batch, tokens, dim); with cls_only=True (batch, 1, dim): the last block then computes the
+        CLS output alone, sparing its MLP and projections on every other token."""
         x = self.patch_embed(images)
         grid_h, grid_w = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)
@@ -200,11 +206,12 @@ class ViT(nn.Module):
         x = x + self.position_embeddings(grid_h, grid_w)
         if self.register_tokens is not None:
             x = torch.cat([x[:, :1], self.register_tokens.expand(len(x), -1, -1), x[:, 1:]], dim=1)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            first_tokens = 1 if cls_only and i == len(self.blocks) - 1 else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, first_tokens, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, first_tokens)
         return self.norm(x)
 
 
@@ -351,7 +358,7 @@ class EmotionClassifier(nn.Module):
 
     def features(self, images):
         """(batch, 3, H, W) -> the final-normed CLS features (batch, dim), what Stage II extracts."""
-        return self.backbone(images)[:, 0]
+        return self.backbone(images, cls_only=True)[:, 0]
 
     def forward(self, images, return_routing=False):
         return self.head(self.features(images), return_routing=return_routing)

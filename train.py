@@ -57,6 +57,12 @@ class Stage1Config:
     mixup_alpha: float = 0.2
     clip_grad: float = 1.0
     image_size: int = 224
+    crop_scale: float = 0.8        # augmentation: smallest RandomResizedCrop area, then probabilities
+    jitter: float = 0.8
+    grayscale: float = 0.1
+    blur: float = 0.1
+    padaug: float = 0.6
+    erasing: float = 0.25
     workers: int = 8
     seed: int = 0
     compile: bool = False
@@ -107,7 +113,9 @@ def load_sets(cfg):
         layout, _, folder = spec.partition(":")
         if not folder:
             raise EmoError(f"--data {spec!r}: expected LAYOUT:FOLDER, e.g. affectnet:/data/AffectNet/train_set")
-        train_sets.append(ImageFolderDataset(folder, layout, train_transform(cfg.image_size)))
+        transform = train_transform(cfg.image_size, cfg.crop_scale, cfg.jitter, cfg.grayscale, cfg.blur, cfg.padaug,
+                                    cfg.erasing)
+        train_sets.append(ImageFolderDataset(folder, layout, transform))
     if not train_sets:
         raise EmoError("no training data: pass --data LAYOUT:FOLDER (plain, affectnet or rafdb) at least once")
     train_set = torch.utils.data.ConcatDataset(train_sets)

