@@ -1,5 +1,5 @@
-"""Video and audio decoding, face tracks and crops, frame-aligned audio features, and a
-synthetic dataset in the real ABAW / Aff-Wild2 layouts.
+"""Video and audio decoding, face tracks and crops, frame-aligned audio features, Stage II per-frame
+features (video_features, extract_features), and a synthetic dataset in the real ABAW / Aff-Wild2 layouts.
 
     python data.py probe VIDEO              # fps, frame count, size, rotation, audio: as JSON
     python data.py synth OUT --seed 0       # a small seeded dataset: videos, annotations, crops, images
@@ -228,6 +228,7 @@ class VideoFaces:
 
 def detect_frames(detector, frames, cfg=DetectConfig()):
     """Faces in a batch of uint8 RGB frames (B, H, W, 3), boxes in the frames' own pixels."""
+    frames = frames.to(next(detector.parameters()).device)  # on a GPU, scale the frames down there too
     height, width = frames.shape[1:3]
     scale = min(1.0, cfg.max_side / max(height, width))
     images = frames
@@ -405,8 +406,9 @@ def crop_faces(frames, boxes, scales=(0.9, 1.2, 1.5), size=224, resize=256):
     """
     centre = (boxes[:, :2] + boxes[:, 2:]) / 2
     side = (boxes[:, 2:] - boxes[:, :2]).amax(1)
-    half = side[:, None] * torch.tensor(scales, dtype=side.dtype)[None] * (size / resize) / 2  # (B, S)
-    rois = torch.cat([torch.arange(len(frames)).repeat_interleave(len(scales))[:, None].to(side.dtype),
+    half = side[:, None] * torch.tensor(scales, dtype=side.dtype, device=side.device)[None] * (size / resize) / 2
+    rois = torch.cat([torch.arange(len(frames), device=side.device).repeat_interleave(len(scales))[:, None]
+                      .to(side.dtype),
                       (centre[:, None] - half[..., None]).flatten(0, 1),
                       (centre[:, None] + half[..., None]).flatten(0, 1)], 1)
     images = frames.permute(0, 3, 1, 2).float().div_(255)

@@ -3,6 +3,7 @@ their cache, sharding, the Stage I encoder round trip and the cropped_aligned va
 
 Real faces come from the astronaut photograph (conftest's `detector` finds them); the encoder is a tiny
 random DINOv2 with a MoE head, the audio model a tiny random wav2vec2."""
+import json
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -280,3 +281,36 @@ def test_video_for_id(tmp_path):
         data.find_videos(tmp_path)
     with pytest.raises(EmoError, match="does not exist"):
         data.find_videos(tmp_path / "nowhere")
+
+
+def test_config_round_trips_through_json():
+    cfg = data.FeatureConfig(scales=(1.2,), stride=3, detect=data.DetectConfig(min_size=20), batch_frames=7)
+    again = data.FeatureConfig(**json.loads(json.dumps(asdict(cfg))))
+    assert again == cfg and again.key() == cfg.key() and isinstance(again.track, data.TrackConfig)
+    assert "batch_frames" not in cfg.key() and "batch_size" not in cfg.key()["detect"]
+    with pytest.raises(EmoError, match="stride"):
+        data.FeatureConfig(stride=0)
+
+
+def test_prefetch_stops_early_and_passes_errors_on():
+    closed = []
+
+    def numbers():
+        try:
+            yield from range(100)
+        finally:
+            closed.append(True)
+
+    taken = []
+    for n in data._prefetch(numbers()):
+        taken.append(n)
+        if n == 3:
+            break
+    assert taken == [0, 1, 2, 3] and closed == [True]
+
+    def broken():
+        yield 1
+        raise EmoError("the file broke")
+
+    with pytest.raises(EmoError, match="the file broke"):
+        list(data._prefetch(broken()))
