@@ -232,6 +232,15 @@ def test_encoder_round_trip(setup):
         data.load_encoder(setup["root"], "cpu")
 
 
+def test_encoder_needs_only_the_backbone_config(setup, tmp_path):
+    (tmp_path / "backbone").mkdir()
+    (tmp_path / "backbone" / "config.json").write_bytes((setup["root"] / "dinov2" / "config.json").read_bytes())
+    config = {"config": {"backbone": str(tmp_path / "backbone"), "head": "moe"}, "epoch": 1}
+    save_checkpoint(tmp_path / "run" / "last", setup["model"].state_dict(), config)
+    loaded = data.load_encoder(tmp_path / "run")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), setup["model"].state_dict().values()))
+
+
 def test_cropped_aligned_variant(setup, tmp_path):
     manifest = data.synthesize(data.SynthConfig(out=str(tmp_path / "synth"), videos=4, frames=40, width=96,
                                                 height=72, images=0))
