@@ -167,6 +167,22 @@ def _batch(images, times, rotation):
     return frames, torch.tensor(times, dtype=torch.float64)
 
 
+def frame_presentation_times(path):
+    """(N,) float64 seconds: the times iter_frames gives, from one decoding pass without colour conversion."""
+    container = _open(path)
+    try:
+        stream = _video_stream(container, path)
+        fps = float(stream.average_rate or 25)
+        times = [float(frame.time) if frame.time is not None else index / fps
+                 for index, frame in enumerate(container.decode(stream))]
+    except av.FFmpegError as e:
+        raise EmoError(f"{path} cannot be decoded ({_reason(e)}); the file may be damaged, "
+                       "re-encode or download it again") from None
+    finally:
+        container.close()
+    return torch.tensor(times, dtype=torch.float64)
+
+
 def read_audio(path, sample_rate=SAMPLE_RATE):
     """(wave, has_audio): the first audio track as float32 mono (samples,) at sample_rate.
 
@@ -575,6 +591,71 @@ class FeatureConfig:
         return key
 
 
+# Bring your own boxes: face boxes from any detector, instead of emo's RetinaFace and tracker. One JSON
+# file per video (the synthetic dataset's boxes/<video>.json are such files):
+#   {"boxes": {"<person>": [[x1, y1, x2, y2] or null, ... one entry per video frame]}}
+# in frame pixels as displayed; null where that person has no face. <person> is largest, left or right,
+# or an annotation id: <video>_left, <video>_right, and any other key (such as <video>) for largest.
+BOXES_SUFFIX = ".json"
+
+
+def person_of(key):
+    """largest | left | right for a boxes-file key (a person, or an annotation id)."""
+    if key in ("largest", "left", "right"):
+        return key
+    for side in ("left", "right"):
+        if key.endswith(f"_{side}"):
+            return side
+    return "largest"
+
+
+def read_boxes(path):
+    """{person: (N, 4) float32 boxes, NaN where no face} from a boxes JSON file (format above)."""
+    from emo import read_json
+    content = read_json(path)
+    entries = content.get("boxes") if isinstance(content, dict) else None
+    if not isinstance(entries, dict) or not entries:
+        raise EmoError(f"{path}: expected {{\"boxes\": {{person: [[x1, y1, x2, y2] or null, ...]}}}} "
+                       "with one box (or null) per video frame")
+    people = {}
+    for key, rows in entries.items():
+        person = person_of(key)
+        if person in people:
+            raise EmoError(f"{path}: two box lists for the {person} person ({key} and another); keep one")
+        try:
+            boxes = torch.tensor([[math.nan] * 4 if row is None else [float(v) for v in row] for row in rows],
+                                 dtype=torch.float32).reshape(len(rows), 4)
+        except (TypeError, ValueError, RuntimeError):
+            raise EmoError(f"{path}: the boxes of {key} must be a list of [x1, y1, x2, y2] or null, "
+                           "one per video frame") from None
+        known = ~boxes.isnan().any(1)
+        if ((boxes[known, 2] <= boxes[known, 0]) | (boxes[known, 3] <= boxes[known, 1])).any():
+            frame = int(torch.nonzero(known & ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])))[0])
+            raise EmoError(f"{path}: box {frame} of {key} is not x1, y1, x2, y2 with x2 > x1 and y2 > y1")
+        people[person] = boxes
+    if len({len(b) for b in people.values()}) > 1:
+        raise EmoError(f"{path}: the people have box lists of different lengths; give one entry per video frame")
+    return people
+
+
+def boxes_for(boxes, person, num_frames, source="the boxes"):
+    """The (num_frames, 4) boxes of `person` from {person: boxes}: largest, when not given, is the
+    larger of left and right on each frame."""
+    if person in boxes:
+        chosen = torch.as_tensor(boxes[person], dtype=torch.float32)
+    elif person == "largest" and boxes:
+        stacked = torch.stack([torch.as_tensor(b, dtype=torch.float32) for b in boxes.values()])
+        area = ((stacked[..., 2] - stacked[..., 0]) * (stacked[..., 3] - stacked[..., 1])).nan_to_num(-1.0)
+        chosen = stacked.gather(0, area.argmax(0)[None, :, None].expand(1, -1, 4))[0]
+    else:
+        raise EmoError(f"{source} have no boxes for the {person} person (only {', '.join(boxes) or 'none'}); "
+                       "ask for one of those")
+    if chosen.shape != (num_frames, 4):
+        raise EmoError(f"{source} have {len(chosen)} boxes for the {person} person but the video has {num_frames} "
+                       "frames; give one box (or null) per frame")
+    return chosen
+
+
 def load_encoder(stage1_dir, device=None):
     """The Stage I EmotionClassifier of a run's best/ or last/ directory (or the run directory,
     which means its best/, else last/), in eval mode on `device`.
@@ -789,7 +870,7 @@ def _encode_batches(video, plans, boxes, cfg, crop_on):
 
 @torch.inference_mode()
 def people_features(video, encoder, w2v, detector, people=("left", "right"), cfg=FeatureConfig(), device=None,
-                    cache_dir=None, progress=True, audio_dim=1024):
+                    cache_dir=None, progress=True, audio_dim=1024, boxes=None):
     """{person: FrameFeatures} for several people of one video, with one detection pass, one decoding
     pass for the crops and one audio pass. See video_features."""
     from concurrent.futures import ThreadPoolExecutor
@@ -801,15 +882,22 @@ def people_features(video, encoder, w2v, detector, people=("left", "right"), cfg
     encoder.to(device).eval()
     with ThreadPoolExecutor(1) as pool:
         sound = pool.submit(read_audio, video) if w2v is not None else None  # decodes while faces are detected
-        faces = detect_video(video, detector, cfg.detect, cache_dir, progress)
-        num_frames, times = len(faces.counts), faces.times
-        detections = faces.per_frame()
-        tracks = [choose_track(detections, num_frames, person, cfg.track) for person in people]
-        boxes, face = [], []
-        for track in tracks:
-            box = track.boxes if track is not None else torch.full((num_frames, 4), float("nan"))
-            boxes.append(box)
-            face.append(~box.isnan().any(1))
+        if boxes is not None:  # the user's own boxes: no detection, no tracking
+            given = read_boxes(boxes) if isinstance(boxes, (str, Path)) else boxes
+            source = str(boxes) if isinstance(boxes, (str, Path)) else "the given boxes"
+            times = frame_presentation_times(video)
+            num_frames = len(times)
+            boxes = [boxes_for(given, person, num_frames, source) for person in people]
+        else:
+            if detector is None:
+                raise EmoError("features from raw videos need a face detector or the faces' boxes")
+            faces = detect_video(video, detector, cfg.detect, cache_dir, progress)
+            num_frames, times = len(faces.counts), faces.times
+            detections = faces.per_frame()
+            tracks = [choose_track(detections, num_frames, person, cfg.track) for person in people]
+            boxes = [track.boxes if track is not None else torch.full((num_frames, 4), float("nan"))
+                     for track in tracks]
+        face = [~box.isnan().any(1) for box in boxes]
         plans = [encode_plan(f, cfg.stride) for f in face]
         dim = encoder.backbone.cfg.hidden_size
         visual = [torch.zeros(num_frames, dim, device=device) for _ in people]
@@ -835,7 +923,7 @@ def people_features(video, encoder, w2v, detector, people=("left", "right"), cfg
 
 
 def video_features(video, encoder, w2v, detector, person="largest", cfg=FeatureConfig(), device=None,
-                   cache_dir=None, progress=True, audio_dim=1024):
+                   cache_dir=None, progress=True, audio_dim=1024, boxes=None):
     """FrameFeatures of one person (largest | left | right) in a video: the fast path, for infer.py too.
 
     Faces are detected (cached in cache_dir when given), tracked and the person's track chosen; then
@@ -844,9 +932,12 @@ def video_features(video, encoder, w2v, detector, person="largest", cfg=FeatureC
     frames stream, only the per-frame features are kept. With cfg.stride N only every N-th face frame
     is encoded and the rows between are interpolated. w2v None (or a silent video): audio zeros of
     audio_dim, audio_present False. The encoder is moved to `device` (default: where it is).
+
+    boxes: your own face boxes instead of the detector and tracker (detector may then be None): a boxes
+    JSON file (see read_boxes) or {person: (N, 4) boxes, NaN where no face}, one row per video frame.
     """
     return people_features(video, encoder, w2v, detector, (person,), cfg, device, cache_dir, progress,
-                           audio_dim)[person]
+                           audio_dim, boxes)[person]
 
 
 @torch.inference_mode()
@@ -1002,7 +1093,7 @@ def _crops_stamp(folder):
 
 def extract_features(ids, video_for_id, out_dir, encoder_dir, audio_model, detector, cfg=FeatureConfig(), *,
                      audio_revision=None, device=None, cache_dir=None, cropped_aligned=None, annotation_dir=None,
-                     rank=None, world=None, progress=True):
+                     boxes=None, rank=None, world=None, progress=True):
     """Write <out_dir>/<id>.features.safetensors for every annotation id of this process's share.
 
     video_for_id: {video stem: path} (find_videos) or a function id -> (video path, person). The
@@ -1017,6 +1108,9 @@ def extract_features(ids, video_for_id, out_dir, encoder_dir, audio_model, detec
     cropped_aligned: a folder holding <id>/00001.jpg ...: the visual features come from those crops
     instead (detector unused, may be None); the frame count from <annotation_dir>/<id>.txt when
     given, else from the video, else the last crop; the audio still from the video when there is one.
+
+    boxes: a folder of boxes files <video stem>.json (see read_boxes), your own detector's, used instead
+    of the detector (which may then be None); a file's size and time are part of the key.
 
     Returns {"paths": {id: path}, "written": [ids], "skipped": [ids]} for this process's ids.
     """
@@ -1034,8 +1128,10 @@ def extract_features(ids, video_for_id, out_dir, encoder_dir, audio_model, detec
         resolve = lambda i: (None, "largest")  # noqa: E731
     else:
         resolve = video_for_id
-    if cropped_aligned is None and detector is None:
-        raise EmoError("features from raw videos need a face detector")
+    if cropped_aligned is None and detector is None and boxes is None:
+        raise EmoError("features from raw videos need a face detector, or the faces' boxes")
+    if boxes is not None and not Path(boxes).is_dir():
+        raise EmoError(f"boxes {boxes} is not a folder; pass the folder of <video>.json boxes files")
     if cropped_aligned is not None and not Path(cropped_aligned).is_dir():
         raise EmoError(f"{cropped_aligned} does not exist; pass the cropped_aligned folder")
     sources, groups = {}, {}
@@ -1055,9 +1151,9 @@ def extract_features(ids, video_for_id, out_dir, encoder_dir, audio_model, detec
     # weights by content, so that a moved or re-downloaded checkpoint keeps its features
     base_key = {"format": FEATURES_FORMAT, "encoder": weights_fingerprint(encoder),
                 "audio": None if w2v is None else weights_fingerprint(w2v), "features": cfg.key()}
-    if cropped_aligned is None:
+    if cropped_aligned is None and boxes is None:
         base_key["detector"] = weights_fingerprint(detector)
-    else:
+    elif cropped_aligned is not None:
         base_key["features"] = {k: base_key["features"][k] for k in ("crop_size", "crop_resize", "audio_layers",
                                                                       "audio_window", "chunk_seconds")}
     cache_dir = Path(cache_dir) if cache_dir is not None else out_dir / "faces"
@@ -1070,6 +1166,8 @@ def extract_features(ids, video_for_id, out_dir, encoder_dir, audio_model, detec
         for annotation_id in group:
             key = dict(base_key, video=_file_stamp(video) if video is not None else None,
                        person=sources[annotation_id][1])
+            if boxes is not None and cropped_aligned is None:
+                key["boxes"] = _file_stamp(_boxes_file(boxes, video))
             if cropped_aligned is not None:
                 key["crops"] = _crops_stamp(Path(cropped_aligned) / annotation_id)
                 annotation = Path(annotation_dir) / f"{annotation_id}.txt" if annotation_dir else None
@@ -1083,7 +1181,8 @@ def extract_features(ids, video_for_id, out_dir, encoder_dir, audio_model, detec
             continue
         if cropped_aligned is None:
             made = people_features(video, encoder, w2v, detector, tuple(sources[i][1] for i in todo), cfg, device,
-                                   cache_dir, progress=False)
+                                   cache_dir, progress=False,
+                                   boxes=_boxes_file(boxes, video) if boxes is not None else None)
             made = {i: made[sources[i][1]] for i in todo}
         else:
             made = {i: cropped_aligned_features(Path(cropped_aligned) / i, _frame_count(i, keys[i], video,
@@ -1095,6 +1194,13 @@ def extract_features(ids, video_for_id, out_dir, encoder_dir, audio_model, detec
             bar.update(1)
     bar.close()
     return result
+
+
+def _boxes_file(folder, video):
+    path = Path(folder) / f"{Path(video).stem}{BOXES_SUFFIX}"
+    if not path.is_file():
+        raise EmoError(f"no boxes file {path} for {video}; write one per video (see data.read_boxes)")
+    return path
 
 
 def _frame_count(annotation_id, key, video, cropped_aligned):

@@ -3,6 +3,7 @@
 This file is the shared vocabulary of the package: the 8 ABAW classes, the metric, checkpoint
 files, where model weights come from, and the command line.
 
+    python emo.py demo       # the whole workflow on a synthetic dataset, offline, in minutes on a CPU
     python emo.py bench      # speed: backbones vs transformers (roofline / MFU), media pipeline, features
 """
 import argparse
@@ -241,8 +242,20 @@ def main(argv=None):
     bench.add_argument("--repeats", type=int, default=3, help="timed runs per model (best is kept)")
     bench.add_argument("--compile", action="store_true", help="also time emo under torch.compile")
     bench.add_argument("--small", action="store_true", help="tiny configs, to check the script quickly")
+    demo = commands.add_parser("demo", help="run the whole workflow on a synthetic dataset, offline (minutes on a CPU)",
+                               description="Generate a synthetic dataset, write tiny random backbones in Hugging Face "
+                               "format, train Stage I and Stage II (2 folds) through the same code as real runs, "
+                               "predict a held-out video with infer.py, and print the ablation table.")
+    demo.add_argument("--out", default="emo-demo", help="output folder, new or empty (default %(default)s)")
+    demo.add_argument("--overwrite", action="store_true", help="replace an earlier demo's outputs in --out")
+    demo.add_argument("--quick", action="store_true", help="a smaller, faster run (what the tests run)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     args = parser.parse_args(argv)
-    if args.command == "bench":
+    if args.command == "demo":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import demo as built_in
+        built_in.main(out=args.out, overwrite=args.overwrite, quick=args.quick, seed=args.seed)
+    elif args.command == "bench":
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from tests import bench as benchmarks  # the reference implementations are test dependencies
         benchmarks.run(args.what, device=args.device, repeats=args.repeats, compile=args.compile, small=args.small)

@@ -12,6 +12,7 @@ themselves depend only on torch: copy one into your project and build it from it
 import math
 import re
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,8 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.checkpoint import checkpoint
 
-from emo import EmoError, fetch_weights_file, load_pretrained, read_safetensors, read_torch_weights
+from emo import (EmoError, atomic_path, fetch_weights_file, load_pretrained, read_safetensors, read_torch_weights,
+                 save_json)
 
 
 # ------------------------------------------------------------------------------ building blocks
@@ -931,4 +933,143 @@ def load_weights(model, state, source):
         raise EmoError(f"{source} does not fit emo's {type(model).__name__}: " + "; ".join(problems))
     state = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
     model.load_state_dict(state, assign=True)
+    return model.eval()
+
+
+# ------------------------------------------------------------------- writing Hugging Face checkpoints
+
+def vit_state_dict_to_hf(state, swiglu=False):
+    """transformers DINOv2 tensors from an emo ViT state dict: the inverse of vit_state_dict_from_hf."""
+    hf = {}
+    for name, tensor in state.items():
+        block = re.match(r"blocks\.(\d+)\.(.+)", name)
+        if name in ("cls_token", "pos_embed", "register_tokens"):
+            hf[{"cls_token": "embeddings.cls_token", "pos_embed": "embeddings.position_embeddings",
+                "register_tokens": "embeddings.register_tokens"}[name]] = tensor
+        elif name.startswith("patch_embed."):
+            hf[name.replace("patch_embed.", "embeddings.patch_embeddings.projection.")] = tensor
+        elif name.startswith("norm."):
+            hf[name.replace("norm.", "layernorm.")] = tensor
+        elif block:
+            i, rest = block.groups()
+            prefix = f"encoder.layer.{i}."
+            if rest.startswith("attn.qkv."):
+                kind = rest.rsplit(".", 1)[1]
+                for part, piece in zip(("query", "key", "value"), tensor.chunk(3)):
+                    hf[f"{prefix}attention.attention.{part}.{kind}"] = piece
+            else:
+                rest = (rest.replace("attn.proj.", "attention.output.dense.")
+                        .replace("ls1", "layer_scale1.lambda1").replace("ls2", "layer_scale2.lambda1"))
+                if swiglu:  # the giant model's MLP, as the hub files spell it
+                    rest = rest.replace("mlp.fc1.", "mlp.weights_in.").replace("mlp.fc2.", "mlp.weights_out.")
+                hf[prefix + rest] = tensor
+        else:
+            raise ValueError(f"no DINOv2 name for the ViT tensor {name}")
+    return hf
+
+
+def wav2vec2_state_dict_to_hf(state):
+    """transformers Wav2Vec2Model tensors from an emo Wav2Vec2 state dict: the inverse of
+    wav2vec2_state_dict_from_hf. The positional convolution goes back into its weight-norm form
+    (g = the norm over dims 0 and 1, v = the weight), spelled as current transformers saves it."""
+    renames = [(r"conv_layers\.(\d+)\.conv\.(\w+)", r"feature_extractor.conv_layers.\1.conv.\2"),
+               (r"conv_layers\.(\d+)\.norm\.(\w+)", r"feature_extractor.conv_layers.\1.layer_norm.\2"),
+               (r"proj_norm\.(\w+)", r"feature_projection.layer_norm.\1"),
+               (r"proj\.(\w+)", r"feature_projection.projection.\1"),
+               (r"pos_conv\.bias", "encoder.pos_conv_embed.conv.bias"),
+               (r"norm\.(\w+)", r"encoder.layer_norm.\1"),
+               (r"layers\.(\d+)\.attn\.proj\.(\w+)", r"encoder.layers.\1.attention.out_proj.\2"),
+               (r"layers\.(\d+)\.norm1\.(\w+)", r"encoder.layers.\1.layer_norm.\2"),
+               (r"layers\.(\d+)\.norm2\.(\w+)", r"encoder.layers.\1.final_layer_norm.\2"),
+               (r"layers\.(\d+)\.mlp\.fc1\.(\w+)", r"encoder.layers.\1.feed_forward.intermediate_dense.\2"),
+               (r"layers\.(\d+)\.mlp\.fc2\.(\w+)", r"encoder.layers.\1.feed_forward.output_dense.\2")]
+    hf = {}
+    for name, tensor in state.items():
+        qkv = re.fullmatch(r"layers\.(\d+)\.attn\.qkv\.(\w+)", name)
+        if qkv:
+            for part, piece in zip("qkv", tensor.chunk(3)):
+                hf[f"encoder.layers.{qkv[1]}.attention.{part}_proj.{qkv[2]}"] = piece
+        elif name == "pos_conv.weight":
+            conv = "encoder.pos_conv_embed.conv.parametrizations.weight."
+            hf[conv + "original0"] = torch.linalg.vector_norm(tensor, dim=(0, 1), keepdim=True)
+            hf[conv + "original1"] = tensor
+        else:
+            for pattern, replacement in renames:
+                if re.fullmatch(pattern, name):
+                    hf[re.sub(pattern, replacement, name)] = tensor
+                    break
+            else:
+                raise ValueError(f"no wav2vec2 name for the Wav2Vec2 tensor {name}")
+    return hf
+
+
+def hf_config(model):
+    """The transformers config.json dict of an emo ViT or Wav2Vec2."""
+    values = {f.name: getattr(model.cfg, f.name) for f in fields(model.cfg)}
+    if isinstance(model, ViT):
+        registers = values["num_register_tokens"] > 0
+        values.update(model_type="dinov2_with_registers" if registers else "dinov2", hidden_act="gelu",
+                      architectures=["Dinov2WithRegistersModel" if registers else "Dinov2Model"],
+                      initializer_range=0.02, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        if float(values["mlp_ratio"]).is_integer():  # as the hub configs have it (transformers checks the type)
+            values["mlp_ratio"] = int(values["mlp_ratio"])
+        if not registers:
+            values.pop("num_register_tokens")
+        return values
+    if isinstance(model, Wav2Vec2):
+        values.update(model_type="wav2vec2", architectures=["Wav2Vec2Model"], hidden_act="gelu",
+                      feat_extract_activation="gelu", num_feat_extract_layers=len(values["conv_dim"]),
+                      conv_dim=list(values["conv_dim"]), conv_kernel=list(values["conv_kernel"]),
+                      conv_stride=list(values["conv_stride"]))
+        return values
+    raise TypeError(f"no Hugging Face format for a {type(model).__name__}")
+
+
+def save_hf_checkpoint(model, directory):
+    """Write an emo ViT or Wav2Vec2 as a Hugging Face checkpoint directory (config.json and
+    model.safetensors with transformers' tensor names), which both emo's from_pretrained and
+    transformers' from_pretrained load. Returns the directory."""
+    from safetensors.torch import save_file
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    if isinstance(model, ViT):
+        tensors = vit_state_dict_to_hf(state, model.cfg.use_swiglu_ffn)
+        tensors["embeddings.mask_token"] = torch.zeros(1, model.cfg.hidden_size)  # unused, but DINOv2 has it
+    else:
+        tensors = wav2vec2_state_dict_to_hf(state)
+        tensors["masked_spec_embed"] = torch.zeros(model.cfg.hidden_size)  # SpecAugment's, unused
+    config = hf_config(model)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_path(directory / "model.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    save_json(directory / "config.json", config)
+    return directory
+
+
+def init_random(model, seed=0, std=0.02):
+    """Random weights as transformers initialises DINOv2 / wav2vec 2.0 for training from scratch:
+    linear and patch weights ~ N(0, std), zero biases, unit norms, layer scales at their config value,
+    the wav2vec2 convolutions He-normal. For demos and tests; returns the model in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+            elif isinstance(module, (nn.Linear, nn.Conv2d)):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Conv1d):
+                fan_in = module.weight[0].numel()
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * math.sqrt(2 / fan_in))
+                if module.bias is not None:
+                    module.bias.zero_()
+        if isinstance(model, ViT):
+            for token in (model.cls_token, model.pos_embed, model.register_tokens):
+                if token is not None:
+                    token.copy_(torch.randn(token.shape, generator=generator) * std)
+            for block in model.blocks:
+                block.ls1.fill_(model.cfg.layerscale_value)
+                block.ls2.fill_(model.cfg.layerscale_value)
     return model.eval()

@@ -150,6 +150,73 @@ def test_two_people_share_the_audio(setup):
     assert (alone.visual - right.visual).abs().max() <= 1e-5 and torch.equal(alone.boxes, right.boxes)
 
 
+def boxes_json(boxes_per_key):
+    return {"boxes": {key: [None if b.isnan().any() else b.tolist() for b in boxes]
+                      for key, boxes in boxes_per_key.items()}}
+
+
+def test_your_own_boxes_instead_of_the_detector(setup, tmp_path):
+    """Boxes from a file give what the detector's boxes give; the file is checked with clear errors."""
+    talk = features(setup, "batch1/talk.mp4")
+    file = tmp_path / "talk.json"
+    file.write_text(json.dumps(boxes_json({"talk": talk.boxes})))
+    own = data.video_features(setup["videos"] / "batch1/talk.mp4", setup["model"], setup["w2v"], None, cfg=CFG,
+                              progress=False, boxes=file)
+    assert torch.equal(own.face, talk.face) and torch.equal(own.times, talk.times)
+    assert (own.visual - talk.visual).abs().max() <= 1e-5 and torch.equal(own.audio, talk.audio)
+
+    pair = data.people_features(setup["videos"] / "batch2/pair.mp4", setup["model"], None, setup["detector"],
+                                ("left", "right"), CFG, cache_dir=setup["cache"], progress=False)
+    given = {"left": pair["left"].boxes, "right": pair["right"].boxes}
+    own = data.people_features(setup["videos"] / "batch2/pair.mp4", setup["model"], None, None, ("right", "largest"),
+                               CFG, progress=False, boxes=given)
+    assert (own["right"].visual - pair["right"].visual).abs().max() <= 1e-5
+    area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # noqa: E731
+    larger = torch.where((area(given["left"]) >= area(given["right"]))[:, None], given["left"], given["right"])
+    assert torch.equal(own["largest"].boxes, larger)  # largest, when not given: the larger box of each frame
+
+    def error(content, person="largest"):
+        file.write_text(json.dumps(content))
+        with pytest.raises(EmoError) as raised:
+            data.video_features(setup["videos"] / "batch1/talk.mp4", setup["model"], None, None, person, CFG,
+                                progress=False, boxes=file)
+        assert "\n" not in str(raised.value)
+        return str(raised.value)
+
+    assert "one box (or null) per frame" in error(boxes_json({"talk": talk.boxes[:-1]}))
+    assert "x2 > x1" in error({"boxes": {"talk": [[10, 10, 5, 20]] * len(talk)}})
+    assert "[x1, y1, x2, y2] or null" in error({"boxes": {"talk": [[1, 2, 3]] * len(talk)}})
+    assert "no boxes for the left person" in error(boxes_json({"talk": talk.boxes}), person="left")
+    assert "expected" in error({"frames": 3})
+    with pytest.raises(EmoError, match="need a face detector"):
+        data.video_features(setup["videos"] / "batch1/talk.mp4", setup["model"], None, None, cfg=CFG)
+
+
+def test_extract_with_a_folder_of_boxes_files(setup, tmp_path):
+    pair = data.people_features(setup["videos"] / "batch2/pair.mp4", setup["model"], None, setup["detector"],
+                                ("left", "right"), CFG, cache_dir=setup["cache"], progress=False)
+    folder = tmp_path / "boxes"
+    folder.mkdir()
+    (folder / "pair.json").write_text(json.dumps(boxes_json({"pair_left": pair["left"].boxes,
+                                                             "pair_right": pair["right"].boxes})))
+    videos = data.find_videos(setup["videos"])
+
+    def extract():
+        return data.extract_features(["pair_left", "pair_right"], videos, tmp_path / "features", setup["model"],
+                                     None, None, CFG, boxes=folder, progress=False)
+
+    first = extract()
+    assert sorted(first["written"]) == ["pair_left", "pair_right"]
+    right = data.load_features(first["paths"]["pair_right"])
+    assert torch.equal(right.boxes, pair["right"].boxes)
+    assert (right.visual - pair["right"].visual).abs().max() <= 1e-2  # stored in fp16
+    assert extract()["written"] == []
+    (folder / "pair.json").write_text((folder / "pair.json").read_text() + " ")
+    assert sorted(extract()["written"]) == ["pair_left", "pair_right"]  # the boxes file changed
+    with pytest.raises(EmoError, match="no boxes file"):
+        data.extract_features(["talk"], videos, tmp_path / "features", setup["model"], None, None, CFG, boxes=folder)
+
+
 def test_save_and_load(setup, tmp_path, capsys):
     result = features(setup, "batch1/talk.mp4")
     path = tmp_path / "talk.features.safetensors"

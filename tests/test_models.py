@@ -2,11 +2,12 @@
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import Dinov2ForImageClassification, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
+from transformers import AutoModel, Dinov2ForImageClassification, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 
 import hf_checkpoints as hf
 from emo import EmoError
-from models import ViT, Wav2Vec2, normalize_waveform
+from models import (ViT, ViTConfig, Wav2Vec2, Wav2Vec2Config, init_random, normalize_waveform,
+                    save_hf_checkpoint)
 
 TOLERANCE = 1e-4
 
@@ -256,3 +257,46 @@ def test_bad_checkpoints_fail_with_one_clear_line(tmp_path):
     weights.unlink()
     (directory / "config.json").write_text("{}")
     assert "has no weights" in message()
+
+
+# ------------------------------------------------------------------------------------ writing
+
+def random_emo_model(model):
+    """init_random, then the constant tensors moved off their values, as hf.randomize does."""
+    init_random(model, seed=3)
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn(p.shape, generator=generator) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("variant", ["plain", "registers", "swiglu"])
+def test_written_vit_checkpoint_loads_in_transformers(tmp_path, variant):
+    cfg = ViTConfig(**hf.TINY_DINOV2, num_register_tokens=4 if variant == "registers" else 0,
+                    use_swiglu_ffn=variant == "swiglu")
+    ours = random_emo_model(ViT(cfg))
+    directory = save_hf_checkpoint(ours, tmp_path / "vit")
+    reference, info = AutoModel.from_pretrained(directory, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched tensors
+    x = images(126, 98)
+    with torch.no_grad():
+        assert max_diff(ours(x), reference.eval()(pixel_values=x).last_hidden_state) <= TOLERANCE
+    loaded = ViT.from_pretrained(directory)
+    assert loaded.cfg == cfg
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ours.state_dict().items())
+
+
+@pytest.mark.parametrize("style", ["base", "large"])
+def test_written_wav2vec2_checkpoint_loads_in_transformers(tmp_path, style):
+    tiny = hf.TINY_W2V_BASE if style == "base" else hf.TINY_W2V_LARGE
+    cfg = Wav2Vec2Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in tiny.items()})
+    ours = random_emo_model(Wav2Vec2(cfg))
+    directory = save_hf_checkpoint(ours, tmp_path / "w2v")
+    reference, info = AutoModel.from_pretrained(directory, output_loading_info=True)
+    assert not any(info.values()), info
+    assert_same_outputs(ours, reference.eval(), waves([16000])[0])
+    loaded = Wav2Vec2.from_pretrained(directory)
+    assert loaded.cfg == cfg
+    assert all(torch.allclose(loaded.state_dict()[k], v, atol=1e-6) for k, v in ours.state_dict().items())

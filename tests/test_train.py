@@ -79,3 +79,27 @@ def test_two_process_torchrun_on_cpu(setup, tmp_path):
     position = json.loads((tmp_path / "ddp" / "last" / "model.json").read_text())
     assert position["epoch"] == 1 and position["step"] == 192 // 16
     assert (tmp_path / "ddp" / "best" / "model.safetensors").exists()
+
+
+def test_tiny_run_learns_the_synthetic_faces(tmp_path):
+    """A from-scratch tiny DINOv2 learns the synthetic expressions, judged on images of another seed.
+
+    The setting is the demo's (demo.STAGE1_FLAGS): the recipe's is for fine-tuning a pretrained ViT-L."""
+    import demo
+    small = dict(videos=4, frames=40, width=64, height=64)
+    data.synthesize(data.SynthConfig(out=str(tmp_path / "train"), seed=0, images=128, **small))
+    data.synthesize(data.SynthConfig(out=str(tmp_path / "val"), seed=1, images=32, **small))
+    backbone = hf.save(hf.dinov2(num_hidden_layers=2), tmp_path / "backbone")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the data loader works in a second process
+    try:
+        started = time.perf_counter()
+        train.main(["--stage", "1", "--data", f"plain:{tmp_path / 'train/images'}",
+                    "--val", f"plain:{tmp_path / 'val/images'}", "--backbone", str(backbone),
+                    "--out", str(tmp_path / "run"), "--epochs", "20", "--workers", "1", *demo.STAGE1_FLAGS])
+        seconds = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(threads)
+    best = json.loads((tmp_path / "run" / "best" / "model.json").read_text())
+    chance = 1 / len(data.CLASSES)
+    assert best["metrics"]["macro_f1"] >= 0.3 > 2 * chance, (best["metrics"], seconds)
