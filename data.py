@@ -1271,6 +1271,15 @@ class ImageDataset(Dataset):
     def __len__(self):
         return len(self.paths)
 
+    def fingerprint(self):
+        """What identifies this data without reading an image: counts, and a hash of the file names
+        with their labels (saved with Stage I checkpoints; a resumed run checks it)."""
+        digest = hashlib.sha256()
+        for path, label in zip(self.paths, self.labels.tolist()):
+            digest.update(f"{path}\t{label}\n".encode())
+        return {"source": self.source, "images": len(self.paths),
+                "per_class": torch.bincount(self.labels, minlength=len(CLASSES)).tolist(), "sha256": digest.hexdigest()}
+
     def __getitem__(self, index):
         image = read_image(self.paths[index])
         if self.transform is not None:

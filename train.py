@@ -254,6 +254,8 @@ def train_stage1(cfg, resume=False):
     micro_batch = cfg.batch_size // (world * cfg.accumulate)
 
     train_set, labels, val_set = load_sets(cfg)
+    fingerprint = {"train": [part.fingerprint() for part in train_set.datasets],
+                   "val": val_set.fingerprint() if val_set else None}
     counts = torch.bincount(labels, minlength=len(CLASSES)).float()
     class_weights = ((1 / counts) / (1 / counts).mean()).to(device)
     model = build_model(cfg).to(device)
@@ -263,10 +265,13 @@ def train_stage1(cfg, resume=False):
         raise EmoError(f"{len(train_set)} training images are fewer than one batch of {cfg.batch_size}")
     total_steps = steps_per_epoch * cfg.epochs
 
-    position = {"epoch": 0, "step": 0, "best_macro_f1": -1.0}
+    position = {"epoch": 0, "step": 0, "best_macro_f1": -1.0, "data": fingerprint}
     has_run = (out / "last").exists() or (out / "last.old").exists()
     if resume and has_run:
         position = load_run_state(out / "last", model, optimizer)
+        if position.get("data") != fingerprint:
+            raise EmoError(f"--resume: the training or validation data differ from those {out} was trained on "
+                           f"(see data in {out / 'last' / 'model.json'}); pass the same --data and --val")
     elif resume:
         raise EmoError(f"--resume: {out / 'last'} does not exist; start without --resume")
     elif has_run:
@@ -322,7 +327,7 @@ def train_stage1(cfg, resume=False):
                 if metrics["macro_f1"] > position["best_macro_f1"]:
                     position["best_macro_f1"] = metrics["macro_f1"]
                     save_checkpoint(out / "best", model.state_dict(), {"config": asdict(cfg), "epoch": epoch + 1,
-                                                                      "metrics": metrics})
+                                                                      "metrics": metrics, "data": fingerprint})
             save_run_state(out / "last", model, optimizer, position, cfg)
         if world > 1:
             dist.barrier()
