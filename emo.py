@@ -3,7 +3,7 @@
 This file is the shared vocabulary of the package: the 8 ABAW classes, the metric, checkpoint
 files, where model weights come from, and the command line.
 
-    python emo.py bench      # speed: backbones vs transformers (roofline / MFU), media pipeline
+    python emo.py bench      # speed: backbones vs transformers (roofline / MFU), media pipeline, Stage II training
 """
 import argparse
 import contextlib
@@ -230,11 +230,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="emo.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    bench = commands.add_parser("bench", help="measure speed: backbones against transformers, media pipeline",
+    bench = commands.add_parser("bench", help="measure speed: backbones against transformers, media pipeline, "
+                                "Stage II training",
                                 description="backbones: the same random weights in emo and transformers, forward "
                                 "passes timed in one run; media: decode + detect + crop, batched and frame by "
-                                "frame (needs requirements-dev.txt).")
-    bench.add_argument("what", nargs="?", choices=("backbones", "media", "all"), default="all")
+                                "frame; stage2: gated-fusion training frames/s and peak memory on a million "
+                                "feature rows (needs requirements-dev.txt).")
+    bench.add_argument("what", nargs="?", choices=("backbones", "media", "stage2", "all"), default="all")
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs per model (best is kept)")
     bench.add_argument("--compile", action="store_true", help="also time emo under torch.compile")
