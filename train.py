@@ -433,8 +433,9 @@ def feature_file(features_dir, annotation_id):
 def stage2_features(cfg):
     """{annotation id: feature file} for every annotated id.
 
-    The hook where `train.py --stage 2` will extract the features first (data.extract_features);
-    for now the files must already exist in --features.
+    The hook where `train.py --stage 2` will extract the features first (data.extract_features, sharded
+    across ranks under torchrun; the fusion then trains on rank 0 alone); for now the files must already
+    exist in --features.
     """
     ids = [i for split in read_annotations(cfg.annotations).values() for i in split]
     if not cfg.features or not Path(cfg.features).is_dir():
@@ -722,6 +723,8 @@ def train_stage2(cfg):
     device = resolve_device(cfg.device)
     splits = read_annotations(cfg.annotations)
     paths = stage2_features(cfg)
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun the features are extracted by all ranks, fit on one
+        return None
     pooled = {**splits["Train_Set"], **splits["Validation_Set"]}
     runs, folds = protocol(cfg, splits)
     rows = load_rows(paths, pooled)

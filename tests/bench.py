@@ -203,7 +203,7 @@ def run_media(device, repeats, small):
 
 
 def run_stage2(device, small=False, rows=None, dim=1024):
-    """Stage II training on `rows` random fp16 feature rows (default one million; 20,000 with small).
+    """Stage II training on `rows` random fp16 feature rows (default one million; 16,384 with small).
 
     Two runs of fit_fusion with different step counts: their difference gives the steady training
     throughput, the rest is the set-up (normalisation statistics; on a GPU the copy of the rows there).
@@ -213,7 +213,7 @@ def run_stage2(device, small=False, rows=None, dim=1024):
     import resource
 
     from train import FrameRows, Stage2Config, fit_fusion, fusion_kwargs
-    rows = rows or (20_000 if small else 1_000_000)
+    rows = rows or (16_384 if small else 1_000_000)
     generator = torch.Generator().manual_seed(0)
     visual, audio = (torch.empty(rows, dim, dtype=torch.float16) for _ in range(2))
     for start in range(0, rows, 65536):
@@ -224,8 +224,8 @@ def run_stage2(device, small=False, rows=None, dim=1024):
     kwargs = fusion_kwargs(cfg, frame_rows, "fused")
     index = torch.arange(rows)
     per_epoch = math.ceil(rows / cfg.batch_size)
-    short, long = (per_epoch, 3 * per_epoch) if device.type == "cuda" else ((1, 4) if small else (5, 30))
-    fit_fusion(frame_rows, index[:3 * cfg.batch_size], kwargs, cfg, device, 0)  # warm-up
+    short, long = (per_epoch, 3 * per_epoch) if device.type == "cuda" else ((1, 3) if small else (5, 30))
+    fit_fusion(frame_rows, index[:cfg.batch_size], kwargs, cfg, device, 0, max_steps=1)  # warm-up
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -238,7 +238,7 @@ def run_stage2(device, small=False, rows=None, dim=1024):
         times.append(time.perf_counter() - start)
     frames = (min(long * cfg.batch_size, 3 * rows) - min(short * cfg.batch_size, rows))
     throughput = frames / (times[1] - times[0])
-    setup = times[0] - min(short * cfg.batch_size, rows) / throughput
+    setup = max(0.0, times[0] - min(short * cfg.batch_size, rows) / throughput)  # noisy on a busy machine
     if device.type == "cuda":
         peak, where = torch.cuda.max_memory_allocated(device), f"GPU ({torch.cuda.get_device_name(device)})"
     else:
