@@ -1,4 +1,4 @@
-"""Benchmarks, run as `python emo.py bench [backbones|media|all]` (or `python tests/bench.py`).
+"""Benchmarks, run as `python emo.py bench [backbones|media|stage2|all]` (or `python tests/bench.py`).
 
 backbones: emo's ViT and Wav2Vec2 against transformers on the same random weights. Everything is
 measured in one run:
@@ -20,6 +20,10 @@ features: data.video_features (decode twice, detect, track, 3-scale crops, encod
 against the model forwards alone (detector, encoder, wav2vec2) on the same frames, crops and waveform:
 their ratio is the pipeline's efficiency. Random ViT-L/14 + wav2vec2-large on a GPU (a 1280x720 video),
 smaller ones on the CPU (640x360).
+
+stage2: training throughput (frames/s) of the Stage II gated fusion on one million random feature
+rows of 1024 + 1024 dims held in memory (fp16), with the recipe's batch of 4096, and the peak memory
+(the process's peak RSS on CPU; torch.cuda.max_memory_allocated on a GPU).
 """
 import math
 import sys
@@ -130,6 +134,8 @@ def run(what="all", device="cpu", repeats=3, compile=False, small=False):
         run_media(torch.device(device), repeats, small)
     if what in ("features", "all"):
         run_features(torch.device(device), repeats, small)
+    if what in ("stage2", "all"):
+        run_stage2(torch.device(device), small)
 
 
 def run_backbones(device, repeats, compile, small):
@@ -339,6 +345,54 @@ def run_features(device, repeats, small):
     print(f"  model forwards alone: {num_frames / t_models:.1f} frames/s (detector {t_detect / t_models:.0%}, "
           f"encoder {t_encode / t_models:.0%}, wav2vec2 {t_audio / t_models:.0%}) "
           f"-> pipeline efficiency {t_models / t_pipeline:.2f}")
+
+
+def run_stage2(device, small=False, rows=None, dim=1024):
+    """Stage II training on `rows` random fp16 feature rows (default one million; 16,384 with small).
+
+    Two runs of fit_fusion with different step counts: their difference gives the steady training
+    throughput, the rest is the set-up (normalisation statistics; on a GPU the copy of the rows there).
+    On the CPU the runs stop after a few dozen steps of the epoch; on a GPU they are 1 and 3 epochs.
+    Returns {"frames_per_second", "setup_seconds", "peak_bytes"}.
+    """
+    import resource
+
+    from train import FrameRows, Stage2Config, fit_fusion, fusion_kwargs
+    rows = rows or (16_384 if small else 1_000_000)
+    generator = torch.Generator().manual_seed(0)
+    visual, audio = (torch.empty(rows, dim, dtype=torch.float16) for _ in range(2))
+    for start in range(0, rows, 65536):
+        for x in (visual, audio):
+            x[start:start + 65536] = torch.randn(len(x[start:start + 65536]), dim, generator=generator)
+    frame_rows = FrameRows(visual, audio, torch.randint(0, 8, (rows,), generator=generator), {"all": (0, rows)})
+    cfg = Stage2Config(epochs=3)
+    kwargs = fusion_kwargs(cfg, frame_rows, "fused")
+    index = torch.arange(rows)
+    per_epoch = math.ceil(rows / cfg.batch_size)
+    short, long = (per_epoch, 3 * per_epoch) if device.type == "cuda" else ((1, 3) if small else (5, 30))
+    fit_fusion(frame_rows, index[:cfg.batch_size], kwargs, cfg, device, 0, max_steps=1)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for steps in (short, long):
+        synchronize(device)
+        start = time.perf_counter()
+        fit_fusion(frame_rows, index, kwargs, cfg, device, 0, max_steps=steps)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    frames = (min(long * cfg.batch_size, 3 * rows) - min(short * cfg.batch_size, rows))
+    throughput = frames / (times[1] - times[0])
+    setup = max(0.0, times[0] - min(short * cfg.batch_size, rows) / throughput)  # noisy on a busy machine
+    if device.type == "cuda":
+        peak, where = torch.cuda.max_memory_allocated(device), f"GPU ({torch.cuda.get_device_name(device)})"
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        where = f"CPU ({torch.get_num_threads()} threads)"
+    print(f"stage2: gated fusion training on {rows:,} rows of {dim}+{dim} fp16 features, batch {cfg.batch_size}, "
+          f"{where}: {throughput:,.0f} frames/s ({rows / throughput:.1f} s per epoch), set-up {setup:.1f} s; "
+          f"peak memory {peak / 2**30:.2f} GiB ({'max allocated' if device.type == 'cuda' else 'process RSS'})")
+    return {"frames_per_second": throughput, "setup_seconds": setup, "peak_bytes": peak}
 
 
 if __name__ == "__main__":
