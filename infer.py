@@ -159,6 +159,10 @@ class Predictor:
             return [(person, data.video_features(video, self.encoder, self.w2v, self.detector, person=person,
                                                  cache_dir=cache, **kwargs)) for person in people]
 
+    def predict(self, video, person="largest", fail_without_face=False, progress=False):
+        """predict_video(video, self, ...): a list of VideoPrediction."""
+        return predict_video(video, self, person, fail_without_face, progress)
+
     @torch.inference_mode()
     def logits(self, features):
         """Smoothed ensemble logits (N, 8) on the CPU. A person with no face on any frame goes through
@@ -236,6 +240,9 @@ def read_stage2_info(ckpt_dir):
     missing = [k for k in ("encoder", "features", "fold_files") if k not in info]
     if missing:
         raise EmoError(f"{ckpt / 'stage2.json'} lacks {', '.join(missing)}; the checkpoint is incomplete")
+    if not info["encoder"]:
+        raise EmoError(f"{ckpt / 'stage2.json'} names no Stage I encoder (it was trained without --encoder), so "
+                       "the visual features cannot be made again; train it again with --encoder STAGE1_DIR")
     absent = [f for f in info["fold_files"] if not (ckpt / f).is_file()]
     if not info["fold_files"] or absent:
         raise EmoError(f"{ckpt} is incomplete: fold file {absent[0] if absent else '(none listed)'} is missing")
@@ -472,9 +479,10 @@ def write_timeline(path, prediction, width=1200):
 
 
 def write_annotated_video(path, predictions, video, batch_size=32):
-    """The video re-encoded (H.264, or MPEG-4 Part 2 where libx264 is missing) at its own frame rate,
-    with each person's face box, label and probability drawn. The sound is not copied. Odd frame
-    sizes lose their last row / column (the encoders need even ones)."""
+    """The video re-encoded (H.264, or MPEG-4 Part 2 where libx264 is missing) at its average frame rate
+    (frame i at i / fps, so a variable-rate video keeps its frames but not their exact times), with each
+    person's face box, label and probability drawn. The sound is not copied. Odd frame sizes lose their
+    last row / column (the encoders need even ones). Returns the number of frames written."""
     info = data.probe(video)
     n = len(predictions[0])
     width, height = info.width - info.width % 2, info.height - info.height % 2

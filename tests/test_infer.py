@@ -292,6 +292,11 @@ def test_bad_inputs_each_give_one_clear_line(tmp_path, capsys):
     (incomplete / "stage2.json").write_text(json.dumps({"format": infer.STAGE2_FORMAT, "encoder": "x",
                                                         "features": {}, "fold_files": ["fold0.safetensors"]}))
     checkpoints.append((incomplete, "fold0.safetensors is missing"))
+    anonymous = tmp_path / "anonymous"
+    anonymous.mkdir()
+    (anonymous / "stage2.json").write_text(json.dumps({"format": infer.STAGE2_FORMAT, "encoder": None,
+                                                       "features": {}, "fold_files": ["fold0.safetensors"]}))
+    checkpoints.append((anonymous, "names no Stage I encoder"))
     for checkpoint, message in checkpoints:
         status, err = run_cli([video, "--ckpt", checkpoint, "--out", out], capsys)
         assert status == 2 and re.search(message, one_error_line(err)), (checkpoint, err)
@@ -312,6 +317,13 @@ def test_the_command_line_exits_with_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {tmp_path / 'missing.mp4'} does not exist"
     assert not (tmp_path / "out").exists()
+
+
+def test_help_names_every_option():
+    text = infer.parser().format_help()
+    for option in ("--ckpt", "--out", "--person", "--stride", "--video-out", "--device", "--batch-size",
+                   "--fail-without-face", "--detector", "<id>.abaw.txt"):
+        assert option in text
 
 
 def test_device_checks():
@@ -508,7 +520,8 @@ def test_the_command_line_end_to_end(checkpoint, videos, tmp_path, capsys):
     # interpreter start-up
     out = tmp_path / "out"
     status, err = run_cli([videos["pair"], "--ckpt", checkpoint, "--out", out, "--person", "all", "--video-out",
-                           "--device", "cpu", "--batch-size", "8"], capsys)
+                           "--device", "cpu", "--batch-size", "8", "--detector", checkpoint.parent / "detector"],
+                          capsys)
     assert status == 0, err
     assert "frames/s" in err
     expected = {"pair_left.csv", "pair_left.abaw.txt", "pair_left.png", "pair_right.csv", "pair_right.abaw.txt",
