@@ -231,14 +231,15 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="measure speed: backbones against transformers, media pipeline, "
-                                "Stage I training step, feature extraction, Stage II training",
+                                "Stage I training step, feature extraction, Stage II training, infer.py",
                                 description="backbones: the same random weights in emo and transformers, forward "
                                 "passes timed in one run; train: a Stage I training step against transformers; "
                                 "media: decode + detect + crop, batched and frame by frame; features: "
-                                "data.video_features against the model forwards alone; stage2: gated-fusion training "
-                                "frames/s and peak memory on a million feature rows (needs requirements-dev.txt).")
-    bench.add_argument("what", nargs="?", choices=("backbones", "train", "media", "features", "stage2", "all"),
-                       default="all")
+                                "data.video_features against the model forwards alone; stage2: gated-fusion "
+                                "training frames/s and peak memory on a million feature rows; infer: infer.py end "
+                                "to end against the model forwards alone (needs requirements-dev.txt).")
+    bench.add_argument("what", nargs="?", default="all",
+                       choices=("backbones", "train", "media", "features", "stage2", "infer", "all"))
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs per model (best is kept)")
     bench.add_argument("--compile", action="store_true", help="also time emo under torch.compile")
