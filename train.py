@@ -38,9 +38,9 @@ import data
 from data import (AffWild2Frames, ImageFolderDataset, check_classes, eval_transform, make_loader, read_annotation,
                   train_transform)
 from emo import (CLASSES, EmoError, atomic_path, confusion_matrix, f1_per_class, load_checkpoint, macro_f1,
-                 read_safetensors, run, save_checkpoint, save_json)
+                 run, save_checkpoint, save_json)
 from models import (FUSION_MODES, SMOOTHING_KINDS, STAGE2_FORMAT, EmotionClassifier, GatedFusion, LinearHead,
-                    MoEHead, ViT, smooth_logits)
+                    MoEHead, RetinaFace, ViT, smooth_logits)
 
 
 @dataclass
@@ -351,13 +351,16 @@ def train_stage1(cfg, resume=False):
 
 @dataclass
 class Stage2Config:
-    features: str = ""             # folder of <id>.features.safetensors (data.extract_features)
     annotations: str = ""          # EXPR_Recognition_Challenge folder with Train_Set/ and Validation_Set/
+    videos: str = ""               # raw videos (searched recursively: batch1/, batch2/ ...): features from them
+    cropped_aligned: str = ""      # or from Aff-Wild2's aligned crops (<id>/00001.jpg), with audio from --videos
+    features: str = ""             # folder of <id>.features.safetensors; default <out>/features
     out: str = "runs/stage2"
-    encoder: str = None            # the Stage I run the features came from; recorded for infer.py
+    encoder: str = None            # the Stage I run (its best/ or last/) that encodes the faces
     audio_model: str = "facebook/wav2vec2-large-960h-lv60-self"
     audio_revision: str = "refs/pr/5"
-    detector: str = None
+    detector: str = "py-feat/retinaface"  # RetinaFace weights: hub id, folder or file
+    stride: int = 1                # encode every stride-th face frame, interpolate the others
     folds: int = 0                 # K >= 2: cross-validation on Train + Validation; 0: Train -> Validation
     mode: str = "fused"            # the mode of the saved fold models
     modes: str = "visual,audio,fused"  # the ablation: each is selected, trained and reported
@@ -446,11 +449,14 @@ def feature_file(features_dir, annotation_id):
 def stage2_features(cfg):
     """{annotation id: feature file} for every annotated id.
 
-    The hook where `train.py --stage 2` will extract the features first (data.extract_features, sharded
-    across ranks under torchrun; the fusion then trains on rank 0 alone); for now the files must already
-    exist in --features.
+    With --videos (or --cropped-aligned) the features are extracted first, or brought up to date
+    (data.extract_features: a file is skipped while its inputs are unchanged), sharded across the
+    processes under torchrun; without, the files must already be in --features.
     """
     ids = [i for split in read_annotations(cfg.annotations).values() for i in split]
+    cfg.features = cfg.features or str(Path(cfg.out) / "features")
+    if cfg.videos or cfg.cropped_aligned:
+        extract_stage2_features(cfg, ids)
     if not cfg.features or not Path(cfg.features).is_dir():
         raise EmoError(f"--features {cfg.features!r} is not a folder; extract the per-frame features first "
                        "(one <id>.features.safetensors per annotation id)")
@@ -462,21 +468,36 @@ def stage2_features(cfg):
     return paths
 
 
+def extract_stage2_features(cfg, ids):
+    if not cfg.encoder:
+        raise EmoError("--encoder is needed to extract features: pass the Stage I run (e.g. runs/stage1/best)")
+    videos = data.find_videos(cfg.videos) if cfg.videos else None
+    if videos is None and not cfg.cropped_aligned:
+        raise EmoError("pass --videos (raw videos) or --cropped-aligned to extract features")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    detector = None
+    if not cfg.cropped_aligned:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        detector = RetinaFace.from_pretrained(cfg.detector).to(device)
+    annotation_dirs = [annotation_root(cfg.annotations) / split for split in ("Train_Set", "Validation_Set")]
+    for annotation_dir in annotation_dirs:  # the aligned-crop variant reads the frame count from the annotation
+        split_ids = [i for i in ids if (annotation_dir / f"{i}.txt").is_file()]
+        data.extract_features(split_ids, videos if videos is not None else None, cfg.features, cfg.encoder,
+                              cfg.audio_model if cfg.audio_model != "none" else None, detector,
+                              data.FeatureConfig(stride=cfg.stride), audio_revision=cfg.audio_revision,
+                              cropped_aligned=cfg.cropped_aligned or None, annotation_dir=annotation_dir)
+    if world > 1:
+        dist.barrier()  # every rank's share is written before rank 0 reads them all
+
+
 def read_features(path):
     """(visual, audio) fp16 rows of one feature file."""
-    # TODO(lead): switch to data.load_features once helper B's branch is merged; this reads the contract's
-    # file format directly (tensors visual, audio, face, audio_present, times; visual/audio fp16).
-    loader = getattr(data, "load_features", None)
-    if loader is not None:
-        features = loader(path)
-        if features is None:
-            raise EmoError(f"{path} is not a readable feature file; delete it and extract the features again")
-        visual, audio = features.visual, features.audio
-    else:
-        tensors = read_safetensors(path)
-        if "visual" not in tensors or "audio" not in tensors:
-            raise EmoError(f"{path} holds no visual/audio tensors; delete it and extract the features again")
-        visual, audio = tensors["visual"], tensors["audio"]
+    features = data.load_features(path)
+    if features is None:
+        raise EmoError(f"{path} is not a readable feature file; delete it and extract the features again")
+    visual, audio = features.visual, features.audio
     if visual.ndim != 2 or audio.ndim != 2 or len(visual) != len(audio):
         raise EmoError(f"{path}: visual {tuple(visual.shape)} and audio {tuple(audio.shape)} are not "
                        "(frames, dim) of the same length; delete it and extract the features again")
