@@ -315,3 +315,32 @@ def test_bad_stage2_runs_fail_with_one_clear_line(synthetic, tmp_path, capsys):
     message = error(*stage2_args(features, unlabelled, tmp_path / "a", "--folds", "14"))
     assert "no labelled frames" in message
     assert not (tmp_path / "a" / "stage2.json").exists()
+
+
+def test_stage2_extracts_its_features_first(tmp_path):
+    """train.py --stage 2 --cropped-aligned/--videos: features of every id extracted (from the aligned crops,
+    audio from the videos), then the folds trained; a second run reuses the feature files."""
+    import hf_checkpoints as hf
+    from emo import CLASSES, save_checkpoint
+    from models import EmotionClassifier, MoEHead, ViT
+    synth = tmp_path / "synth"
+    data.synthesize(data.SynthConfig(out=str(synth), videos=6, frames=40, width=96, height=72, images=0))
+    torch.manual_seed(0)
+    backbone = hf.save(hf.dinov2(), tmp_path / "dinov2")
+    encoder = EmotionClassifier(ViT.from_pretrained(backbone), MoEHead(64, len(CLASSES)))
+    save_checkpoint(tmp_path / "stage1" / "best", encoder.state_dict(),
+                    {"config": {"backbone": str(backbone), "revision": None, "head": "moe"}})
+    w2v = hf.save(hf.wav2vec2(**hf.TINY_W2V_LARGE), tmp_path / "w2v")
+    argv = ["--stage", "2", "--annotations", str(synth / "annotations"), "--videos", str(synth / "videos"),
+            "--cropped-aligned", str(synth / "cropped_aligned"), "--encoder", str(tmp_path / "stage1" / "best"),
+            "--audio-model", str(w2v), "--out", str(tmp_path / "run"), "--folds", "2", "--inner-folds", "2",
+            "--epochs", "2", "--batch-size", "64", "--smoothing-windows", "5", "--modes", "fused"]
+    train.main(argv)
+    info = json.loads((tmp_path / "run" / "stage2.json").read_text())
+    assert info["encoder"] == str((tmp_path / "stage1" / "best").resolve()) and len(info["fold_files"]) == 2
+    files = sorted((tmp_path / "run" / "features").glob("*.features.safetensors"))
+    ids = [p.stem for p in (synth / "annotations" / "EXPR_Recognition_Challenge").glob("*/*.txt")]
+    assert sorted(p.name.removesuffix(".features.safetensors") for p in files) == sorted(ids)
+    stamps = [p.stat().st_mtime_ns for p in files]
+    train.main(argv)
+    assert [p.stat().st_mtime_ns for p in files] == stamps
