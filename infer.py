@@ -22,10 +22,8 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import inspect
 import math
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from fractions import Fraction
@@ -119,10 +117,6 @@ class Predictor:
         face frame and interpolate the rest. batch_size: frames per batch (speed and memory only)."""
         device = resolve_device(device)
         info = read_stage2_info(ckpt_dir)
-        if not hasattr(models, "load_stage2"):
-            raise EmoError("this copy of emo has no Stage II models (models.load_stage2); update emo")
-        if not hasattr(data, "video_features"):
-            raise EmoError("this copy of emo has no Stage II features (data.video_features); update emo")
         feature_cfg = feature_config(info, ckpt_dir, stride, batch_size)
         try:
             ensemble, loaded_info = models.load_stage2(ckpt_dir, device)
@@ -149,15 +143,10 @@ class Predictor:
         and detection pass for all of them where data.people_features exists."""
         kwargs = dict(cfg=self.feature_cfg, device=self.device, progress=progress)
         audio_dim = (self.info.get("fusion") or {}).get("audio_dim")
-        if audio_dim and "audio_dim" in inspect.signature(data.video_features).parameters:
+        if audio_dim:
             kwargs["audio_dim"] = audio_dim  # the zeros of a checkpoint without an audio model
-        if len(people) > 1 and hasattr(data, "people_features"):
-            found = data.people_features(video, self.encoder, self.w2v, self.detector, tuple(people), **kwargs)
-            return [(person, found[person]) for person in people]
-        # one cache directory for all the people, so that later passes can reuse the detections
-        with tempfile.TemporaryDirectory(prefix="emo-infer-") if len(people) > 1 else contextlib.nullcontext() as cache:
-            return [(person, data.video_features(video, self.encoder, self.w2v, self.detector, person=person,
-                                                 cache_dir=cache, **kwargs)) for person in people]
+        found = data.people_features(video, self.encoder, self.w2v, self.detector, tuple(people), **kwargs)
+        return [(person, found[person]) for person in people]
 
     def predict(self, video, person="largest", fail_without_face=False, progress=False):
         """predict_video(video, self, ...): a list of VideoPrediction."""

@@ -405,13 +405,8 @@ def run_infer(device, repeats=3, small=False):
     wav2vec 2.0 over the sound, fusion ensemble. Their time ratio is the pipeline's efficiency. Also the
     real-time factor (video seconds per second of processing). Random weights: a 6-layer DINOv2-S on CPU,
     ViT-L/14 + wav2vec2-large with the MoE head on a GPU (tiny with small); 640x360 (CPU) or 1280x720
-    (GPU) video with a real face and sound. Returns the numbers as a dict, or None before Stage II exists."""
-    import data
+    (GPU) video with a real face and sound. Returns the numbers as a dict."""
     import infer
-    import models
-    if not all(hasattr(m, n) for m, n in ((data, "video_features"), (data, "load_encoder"), (models, "load_stage2"))):
-        print("infer: skipped, needs the Stage II code (data.video_features, models.load_stage2)")
-        return None
     from test_infer import tiny_stage2
     gpu = device.type == "cuda"
     if small:

@@ -337,9 +337,6 @@ def test_device_checks():
 
 # ---------------------------------------------------------- end to end (needs the Stage II code)
 
-STAGE2 = hasattr(data, "video_features") and hasattr(data, "load_encoder") and hasattr(models, "load_stage2") \
-    and hasattr(models, "GatedFusion") and hasattr(models, "FusionEnsemble")
-needs_stage2 = pytest.mark.skipif(not STAGE2, reason="needs data.video_features / models.load_stage2 (Stage II)")
 
 FPS, SIDE, N = 25, 224, 20  # the astronaut photo at 224 px: a face of about 45 px, which the tiny detector finds
 
@@ -436,8 +433,6 @@ def tiny_stage2(folder, visual_dim=None, smoothing=None, vit=None, w2v=None, hea
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    if not STAGE2:
-        pytest.skip("needs the Stage II code")
     return tiny_stage2(tmp_path_factory.mktemp("ckpt"))
 
 
@@ -456,7 +451,6 @@ def check_prediction(p, video):
     return n
 
 
-@needs_stage2
 def test_predict_with_and_without_sound(predictor, videos):
     (loud,) = infer.predict_video(videos["sound"], predictor, person="all")  # one face: one prediction, <stem>
     (quiet,) = infer.predict_video(videos["silent"], predictor)
@@ -468,7 +462,6 @@ def test_predict_with_and_without_sound(predictor, videos):
     assert loud.person == quiet.person == "largest"
 
 
-@needs_stage2
 def test_two_people(predictor, videos):
     left, right = infer.predict_video(videos["pair"], predictor, person="all")
     assert (left.id, right.id) == ("pair_left", "pair_right")
@@ -479,7 +472,6 @@ def test_two_people(predictor, videos):
     assert (left.person, right.person) == ("left", "right")
 
 
-@needs_stage2
 def test_no_face_gives_flagged_audio_only_predictions(predictor, videos):
     warnings = []
     (p,) = infer.predict_video(videos["noface"], predictor, warn=warnings.append)
@@ -490,7 +482,6 @@ def test_no_face_gives_flagged_audio_only_predictions(predictor, videos):
         infer.predict_video(videos["nothing"], predictor)
 
 
-@needs_stage2
 def test_audio_only_input_is_the_training_mean(predictor):
     # the pinned copy sees a zero visual input at exactly the training mean after its normalisation
     pinned = predictor.audio_only_ensemble()
@@ -500,21 +491,18 @@ def test_audio_only_input_is_the_training_mean(predictor):
                if isinstance(getattr(m, "visual_mean", None), torch.Tensor))
 
 
-@needs_stage2
 def test_variable_frame_rate(predictor, videos):
     (p,) = infer.predict_video(videos["vfr"], predictor)
     assert check_prediction(p, videos["vfr"]) == 16
     assert abs(p.times[5] - 0.2) < 1e-6
 
 
-@needs_stage2
 def test_stride_keeps_one_row_per_frame(checkpoint, videos):
     strided = infer.Predictor.load(checkpoint, "cpu", stride=3)
     (p,) = infer.predict_video(videos["sound"], strided)
     assert check_prediction(p, videos["sound"]) == N
 
 
-@needs_stage2
 def test_the_command_line_end_to_end(checkpoint, videos, tmp_path, capsys):
     # in this process (test_the_command_line_exits_with_2 runs the script itself): the same main, minus an
     # interpreter start-up
@@ -534,7 +522,6 @@ def test_the_command_line_end_to_end(checkpoint, videos, tmp_path, capsys):
     assert data.probe(out / "pair.mp4").frames == N
 
 
-@needs_stage2
 def test_checkpoints_that_do_not_fit(tmp_path, videos, capsys):
     misfit = tiny_stage2(tmp_path / "misfit", visual_dim=32)  # fusion for 32-d features, encoder gives 64-d
     status, err = run_cli([videos["sound"], "--ckpt", misfit, "--out", tmp_path / "out"], capsys)
@@ -551,7 +538,6 @@ def test_checkpoints_that_do_not_fit(tmp_path, videos, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@needs_stage2
 def test_fail_without_face_writes_nothing(checkpoint, videos, tmp_path, capsys):
     status, err = run_cli([videos["noface"], "--ckpt", checkpoint, "--out", tmp_path / "out", "--fail-without-face",
                            "--device", "cpu"], capsys)
