@@ -1,6 +1,6 @@
 """Frame-level expressions of the people in videos, with their sound: the command most users run first.
 
-    python infer.py video.mp4 --ckpt runs/stage2 --out outputs/
+    python infer.py video.mp4                     # checkpoint runs/stage2, results in outputs/
     python infer.py videos/ more.avi --ckpt runs/stage2 --out outputs/ --person all --video-out
 
 Per video: decode, detect and track the face, crop it at several scales, encode the crops with the
@@ -214,7 +214,8 @@ def read_stage2_info(ckpt_dir):
     """stage2.json of a checkpoint directory, after the checks that need no model code."""
     ckpt = Path(ckpt_dir)
     if not ckpt.exists():
-        raise EmoError(f"checkpoint {ckpt} does not exist; pass the --out folder of train.py --stage 2")
+        raise EmoError(f"checkpoint {ckpt} does not exist; pass --ckpt with the --out folder of train.py --stage 2 "
+                       "(python emo.py demo makes a small one)")
     if not ckpt.is_dir():
         raise EmoError(f"checkpoint {ckpt} is not a folder; pass the --out folder of train.py --stage 2")
     if not (ckpt / "stage2.json").is_file():
@@ -598,8 +599,10 @@ def parser():
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="VIDEO", help="video files, or folders searched recursively for them")
-    p.add_argument("--ckpt", required=True, metavar="DIR", help="Stage II checkpoint: the --out of train.py --stage 2")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    p.add_argument("--ckpt", default="runs/stage2", metavar="DIR",
+                   help="Stage II checkpoint: the --out of train.py --stage 2 (default %(default)s)")
+    p.add_argument("--out", default="outputs", metavar="DIR",
+                   help="output folder, created if missing (default %(default)s)")
     p.add_argument("--person", choices=PERSONS, default="largest",
                    help="whose face: the largest (default), the left or right one of two, or all: left and right "
                         "(one prediction when the video shows only one face)")
