@@ -356,7 +356,7 @@ class Stage2Config:
     cropped_aligned: str = ""      # or from Aff-Wild2's aligned crops (<id>/00001.jpg), with audio from --videos
     features: str = ""             # folder of <id>.features.safetensors; default <out>/features
     out: str = "runs/stage2"
-    encoder: str = None            # the Stage I run (its best/ or last/) that encodes the faces
+    encoder: str = "runs/stage1/best"  # the Stage I run (its best/ or last/) that encodes the faces
     audio_model: str = "facebook/wav2vec2-large-960h-lv60-self"
     audio_revision: str = "refs/pr/5"
     detector: str = "py-feat/retinaface"  # RetinaFace weights: hub id, folder or file
