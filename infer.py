@@ -38,7 +38,7 @@ import data
 import models
 from emo import CLASSES, EmoError, atomic_path, read_json, run
 
-STAGE2_FORMAT = "emo-stage2/1"
+STAGE2_FORMAT = models.STAGE2_FORMAT
 DEFAULT_DETECTOR = "py-feat/retinaface_r34"  # used when the checkpoint names none (trained on cropped_aligned)
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts")
 PERSONS = ("largest", "left", "right", "all")
