@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -141,23 +142,36 @@ def iter_frames(path, batch_size=64):
         stream = _video_stream(container, path)
         fps = float(stream.average_rate or 25)
         size = None
-        images, times, rotation = [], [], 0
+        decoded, times, rotation = [], [], 0
         for index, frame in enumerate(container.decode(stream)):
             if size is None:
                 size, rotation = (frame.width, frame.height), _rotation(frame, stream)
-            images.append(frame.to_ndarray(width=size[0], height=size[1], format="rgb24"))
+            decoded.append(frame)
             # frames without a timestamp (some broken AVIs) fall back to their index / fps
             times.append(float(frame.time) if frame.time is not None else index / fps)
-            if len(images) == batch_size:
-                yield _batch(images, times, rotation)
-                images, times = [], []
-        if images:
-            yield _batch(images, times, rotation)
+            if len(decoded) == batch_size:
+                yield _batch(_to_rgb(decoded, size), times, rotation)
+                decoded, times = [], []
+        if decoded:
+            yield _batch(_to_rgb(decoded, size), times, rotation)
     except av.FFmpegError as e:
         raise EmoError(f"{path} cannot be decoded ({_reason(e)}); the file may be damaged, "
                        "re-encode or download it again") from None
     finally:
         container.close()
+
+
+_converters = None
+
+
+def _to_rgb(frames, size):
+    """Decoded frames as RGB arrays of one size. The colour conversion costs about as much as the
+    decoding; PyAV releases the GIL in it, so a few threads convert a batch side by side."""
+    global _converters
+    if _converters is None:
+        _converters = ThreadPoolExecutor(max(1, min(8, (os.cpu_count() or 1))), thread_name_prefix="emo-rgb")
+    return list(_converters.map(lambda frame: frame.to_ndarray(width=size[0], height=size[1], format="rgb24"),
+                                frames))
 
 
 def _batch(images, times, rotation):
@@ -873,7 +887,6 @@ def people_features(video, encoder, w2v, detector, people=("left", "right"), cfg
                     cache_dir=None, progress=True, audio_dim=1024, boxes=None):
     """{person: FrameFeatures} for several people of one video, with one detection pass, one decoding
     pass for the crops and one audio pass. See video_features."""
-    from concurrent.futures import ThreadPoolExecutor
     unknown = [p for p in people if p not in ("largest", "left", "right")]
     if unknown:
         raise EmoError(f"unknown person {unknown[0]!r}: use largest, left or right")
@@ -1376,6 +1389,15 @@ class ImageDataset(Dataset):
 
     def __len__(self):
         return len(self.paths)
+
+    def fingerprint(self):
+        """What identifies this data without reading an image: counts, and a hash of the file names
+        with their labels (saved with Stage I checkpoints; a resumed run checks it)."""
+        digest = hashlib.sha256()
+        for path, label in zip(self.paths, self.labels.tolist()):
+            digest.update(f"{path}\t{label}\n".encode())
+        return {"source": self.source, "images": len(self.paths),
+                "per_class": torch.bincount(self.labels, minlength=len(CLASSES)).tolist(), "sha256": digest.hexdigest()}
 
     def __getitem__(self, index):
         image = read_image(self.paths[index])

@@ -4,7 +4,7 @@ This file is the shared vocabulary of the package: the 8 ABAW classes, the metri
 files, where model weights come from, and the command line.
 
     python emo.py demo       # the whole workflow on a synthetic dataset, offline, in minutes on a CPU
-    python emo.py bench      # speed: backbones vs transformers (roofline / MFU), media pipeline, features
+    python emo.py bench      # speed: backbones and a Stage I step vs transformers (MFU), media, features, Stage II
 """
 import argparse
 import contextlib
@@ -232,12 +232,15 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="measure speed: backbones against transformers, media pipeline, "
-                                "feature extraction",
+                                "Stage I training step, feature extraction, Stage II training, infer.py",
                                 description="backbones: the same random weights in emo and transformers, forward "
-                                "passes timed in one run; media: decode + detect + crop, batched and frame by "
-                                "frame; train: a Stage I training step against transformers; features: "
-                                "data.video_features against the model forwards alone (needs requirements-dev.txt).")
-    bench.add_argument("what", nargs="?", choices=("backbones", "train", "media", "features", "all"), default="all")
+                                "passes timed in one run; train: a Stage I training step against transformers; "
+                                "media: decode + detect + crop, batched and frame by frame; features: "
+                                "data.video_features against the model forwards alone; stage2: gated-fusion "
+                                "training frames/s and peak memory on a million feature rows; infer: infer.py end "
+                                "to end against the model forwards alone (needs requirements-dev.txt).")
+    bench.add_argument("what", nargs="?", default="all",
+                       choices=("backbones", "train", "media", "features", "stage2", "infer", "all"))
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs per model (best is kept)")
     bench.add_argument("--compile", action="store_true", help="also time emo under torch.compile")

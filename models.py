@@ -4,6 +4,7 @@
     Wav2Vec2    wav2vec 2.0 speech encoder (base-style and large-LV60-style)
     RetinaFace  face detector (MobileNet-0.25 or ResNet-34 backbone), boxes and 5 landmarks
     MoEHead, LinearHead, EmotionClassifier   Stage I: a head on the ViT's CLS token
+    GatedFusion, FusionEnsemble, smooth_logits, load_stage2   Stage II: fusion of per-frame features, smoothing
 
 Each loads its checkpoint with `Model.from_pretrained(name_or_path, revision=None)`, from a local
 directory or a hub repo id; the encoders compute what transformers computes for them. The classes
@@ -20,8 +21,8 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.checkpoint import checkpoint
 
-from emo import (EmoError, atomic_path, fetch_weights_file, load_pretrained, read_safetensors, read_torch_weights,
-                 save_json)
+from emo import (EmoError, atomic_path, fetch_weights_file, load_pretrained, read_json, read_safetensors,
+                 read_torch_weights, save_json)
 
 
 # ------------------------------------------------------------------------------ building blocks
@@ -384,6 +385,148 @@ class EmotionClassifier(nn.Module):
         for name, param in self.named_parameters():
             if param.requires_grad:
                 yield name, param, self.layer_id(name)
+
+
+# --------------------------------------------------------------- Stage II: gated fusion and smoothing
+
+FUSION_MODES = ("fused", "visual", "audio")
+SMOOTHING_KINDS = ("median", "mean", "gaussian", "none")
+STAGE2_FORMAT = "emo-stage2/1"  # stage2.json's "format"
+
+
+class GatedFusion(nn.Module):
+    """The Stage II head on per-frame features: visual (N, Dv) and audio (N, Da) -> logits (N, classes).
+
+    Each branch is L2-normalised per frame, then z-scored with the training split's statistics (the
+    buffers visual_mean/std, audio_mean/std, set by set_normalization and saved in the state dict);
+    in training the inputs get dropout (visual_dropout, audio_dropout). mode "fused":
+    z_v = Linear(Dv, hidden)(v), z_a = Linear(Da, hidden)(a),
+    g = sigmoid(Linear(hidden, hidden)(Dropout(ReLU(Linear(Dv + Da, hidden)([v; a]))))),
+    z = g * z_v + (1 - g) * z_a -> LayerNorm -> Dropout -> Linear(hidden, classes).
+    "visual" / "audio" (the ablations) use z = z_v or z = z_a alone and ignore the other input.
+    """
+
+    def __init__(self, visual_dim=1024, audio_dim=1024, hidden=512, num_classes=8, mode="fused",
+                 visual_dropout=0.2, audio_dropout=0.25, dropout=0.2):
+        super().__init__()
+        if mode not in FUSION_MODES:
+            raise ValueError(f"mode must be one of {', '.join(FUSION_MODES)}, got {mode!r}")
+        self.mode = mode
+        self.visual_dropout, self.audio_dropout = visual_dropout, audio_dropout
+        self.register_buffer("visual_mean", torch.zeros(visual_dim))
+        self.register_buffer("visual_std", torch.ones(visual_dim))
+        self.register_buffer("audio_mean", torch.zeros(audio_dim))
+        self.register_buffer("audio_std", torch.ones(audio_dim))
+        self.visual = nn.Linear(visual_dim, hidden) if mode != "audio" else None
+        self.audio = nn.Linear(audio_dim, hidden) if mode != "visual" else None
+        self.gate = (nn.Sequential(nn.Linear(visual_dim + audio_dim, hidden), nn.ReLU(), nn.Dropout(dropout),
+                                   nn.Linear(hidden, hidden)) if mode == "fused" else None)
+        self.norm = nn.LayerNorm(hidden)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden, num_classes)
+
+    @torch.no_grad()
+    def set_normalization(self, visual, audio, index=None, chunk=65536):
+        """Set the buffers to the per-dimension mean and std of the L2-normalised features of the training
+        rows: all of visual and audio (any float dtype), or the rows `index` of them. Read in chunks, so a
+        million fp16 rows need no float32 copy."""
+        for name, rows in (("visual", visual), ("audio", audio)):
+            total = torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)
+            squares = torch.zeros_like(total)
+            size = len(rows) if index is None else len(index)
+            for start in range(0, size, chunk):
+                part = rows[start:start + chunk] if index is None else rows[index[start:start + chunk]]
+                x = F.normalize(part.float(), dim=-1).double()
+                total += x.sum(0)
+                squares += (x * x).sum(0)
+            n = max(size, 1)
+            mean = total / n
+            std = (squares / n - mean * mean).clamp(min=0).sqrt().clamp(min=1e-6)
+            getattr(self, f"{name}_mean").copy_(mean)
+            getattr(self, f"{name}_std").copy_(std)
+
+    def normalize(self, x, branch):
+        """(x / |x| - mean) / std as x * (1 / |x|) * (1 / std) - mean / std: two passes over the rows."""
+        x = x.float()
+        inverse_std = getattr(self, f"{branch}_std").reciprocal()
+        scale = x.norm(dim=-1, keepdim=True).clamp(min=1e-12).reciprocal()
+        x = torch.addcmul(-getattr(self, f"{branch}_mean") * inverse_std, x * scale, inverse_std)
+        return F.dropout(x, getattr(self, f"{branch}_dropout"), self.training)
+
+    def forward(self, visual, audio):
+        v = self.normalize(visual, "visual") if self.mode != "audio" else None
+        a = self.normalize(audio, "audio") if self.mode != "visual" else None
+        if self.mode == "visual":
+            z = self.visual(v)
+        elif self.mode == "audio":
+            z = self.audio(a)
+        else:
+            # Linear(Dv + Da)([v; a]) as two products on the halves of its weight: no concatenated copy
+            first = self.gate[0]
+            hidden = F.linear(v, first.weight[:, :v.shape[1]], first.bias) + F.linear(a, first.weight[:, v.shape[1]:])
+            g = torch.sigmoid(self.gate[1:](hidden))
+            z = g * self.visual(v) + (1 - g) * self.audio(a)
+        return self.classifier(self.dropout(self.norm(z)))
+
+
+class FusionEnsemble(nn.Module):
+    """The fold models of a Stage II run; forward averages their logits."""
+
+    def __init__(self, models):
+        super().__init__()
+        self.models = nn.ModuleList(models)
+
+    def forward(self, visual, audio):
+        return torch.stack([model(visual, audio).float() for model in self.models]).mean(0)
+
+
+def smooth_logits(logits, kind="median", window=101, chunk_elements=1 << 24):
+    """Filter each class's logits (N, C) along time with an odd window, edges replicated.
+
+    median, mean (box), gaussian (sigma = window / 6, cut at +/- window // 2) or none. The median
+    works on unfolded windows, chunked over time so that a long video needs bounded memory.
+    """
+    if kind not in SMOOTHING_KINDS:
+        raise ValueError(f"smoothing kind must be one of {', '.join(SMOOTHING_KINDS)}, got {kind!r}")
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"the smoothing window must be a positive odd number of frames, got {window}")
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be (frames, classes), got shape {tuple(logits.shape)}")
+    if kind == "none" or window == 1 or len(logits) == 0:
+        return logits
+    n, classes = logits.shape
+    half = window // 2
+    padded = F.pad(logits.float().T.unsqueeze(0), (half, half), mode="replicate")[0]  # (C, N + 2 * half)
+    if kind == "median":
+        step = max(1, chunk_elements // (classes * window))
+        out = torch.cat([padded[:, start:start + step + 2 * half].unfold(1, window, 1).median(-1).values
+                         for start in range(0, n, step)], dim=1)
+    else:
+        offsets = torch.arange(-half, half + 1, dtype=torch.float32, device=logits.device)
+        weights = torch.ones_like(offsets) if kind == "mean" else torch.exp(-0.5 * (offsets / (window / 6)) ** 2)
+        out = F.conv1d(padded.unsqueeze(1), (weights / weights.sum()).view(1, 1, -1))[:, 0]
+    return out.T.to(logits.dtype)
+
+
+def load_stage2(ckpt_dir, device=None):
+    """A Stage II checkpoint directory (train.py --stage 2 --out DIR) -> (FusionEnsemble in eval mode,
+    the stage2.json dict)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / "stage2.json").is_file():
+        raise EmoError(f"{ckpt_dir} is not a Stage II checkpoint (no stage2.json); "
+                       "train one with `python train.py --stage 2 --out DIR`")
+    info = read_json(ckpt_dir / "stage2.json")
+    if info.get("format") != STAGE2_FORMAT:
+        raise EmoError(f"{ckpt_dir / 'stage2.json'} has format {info.get('format')!r}, "
+                       f"this emo reads {STAGE2_FORMAT!r}")
+    if not info.get("fold_files"):
+        raise EmoError(f"{ckpt_dir / 'stage2.json'} lists no fold files")
+    models = []
+    for name in info["fold_files"]:
+        with torch.device("meta"):
+            model = GatedFusion(**info["fusion"])
+        models.append(load_weights(model, read_safetensors(ckpt_dir / name), ckpt_dir / name))
+    return FusionEnsemble(models).to(device).eval(), info
 
 
 # ----------------------------------------------------------------------------------- Wav2Vec2

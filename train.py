@@ -1,19 +1,25 @@
-"""Training. Stage I: fine-tune DINOv2 with PadAug and the MoE head on face images.
+"""Training. Stage I: fine-tune DINOv2 with PadAug and the MoE head on face images; Stage II: gated fusion.
 
     python train.py --stage 1 --data affectnet:/data/AffectNet/train_set --data rafdb:/data/RAF-DB \
         --val /data/Aff-Wild2/cropped_aligned,/data/Aff-Wild2/annotations/EXPR_Recognition_Challenge/Validation_Set
     torchrun --nproc_per_node 8 train.py --stage 1 ...      # DDP: NCCL on GPUs, gloo on CPU
     python train.py --stage 1 ... --resume                  # continue the run in --out exactly
 
-Every default is the recipe's (RECIPE.md, Stage I). The run directory holds `last/` (weights,
+    python train.py --stage 2 --features FEATURES --annotations .../EXPR_Recognition_Challenge \
+        --encoder runs/stage1/best --folds 5 --out runs/stage2   # (--folds 0: Train -> Validation)
+
+Every default is the recipe's (RECIPE.md, Stage I / Stage II). A Stage I run directory holds `last/` (weights,
 optimizer, position; written every --save-every steps and each epoch, atomically), `best/` (the
-weights with the best validation Macro-F1) and `log.jsonl`.
+weights with the best validation Macro-F1) and `log.jsonl`. Stage II writes stage2.json (what
+infer.py needs), fold<k>.safetensors (the fold models, ensembled by averaging logits) and the ablation
+report.md / report.json; each fold's epoch and smoothing are chosen on its training videos only.
 """
 import argparse
 import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -25,13 +31,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
+from safetensors.torch import save_file
 from tqdm import tqdm
 
-from data import (AffWild2Frames, ImageFolderDataset, check_classes, eval_transform, make_loader,
+import data
+from data import (AffWild2Frames, ImageFolderDataset, check_classes, eval_transform, make_loader, read_annotation,
                   train_transform)
-from emo import (CLASSES, EmoError, confusion_matrix, f1_per_class, load_checkpoint, macro_f1, run,
-                 save_checkpoint)
-from models import EmotionClassifier, LinearHead, MoEHead, ViT
+from emo import (CLASSES, EmoError, atomic_path, confusion_matrix, f1_per_class, load_checkpoint, macro_f1,
+                 run, save_checkpoint, save_json)
+from models import (FUSION_MODES, SMOOTHING_KINDS, STAGE2_FORMAT, EmotionClassifier, GatedFusion, LinearHead,
+                    MoEHead, RetinaFace, ViT, smooth_logits)
 
 
 @dataclass
@@ -254,6 +263,8 @@ def train_stage1(cfg, resume=False):
     micro_batch = cfg.batch_size // (world * cfg.accumulate)
 
     train_set, labels, val_set = load_sets(cfg)
+    fingerprint = {"train": [part.fingerprint() for part in train_set.datasets],
+                   "val": val_set.fingerprint() if val_set else None}
     counts = torch.bincount(labels, minlength=len(CLASSES)).float()
     class_weights = ((1 / counts) / (1 / counts).mean()).to(device)
     model = build_model(cfg).to(device)
@@ -263,10 +274,13 @@ def train_stage1(cfg, resume=False):
         raise EmoError(f"{len(train_set)} training images are fewer than one batch of {cfg.batch_size}")
     total_steps = steps_per_epoch * cfg.epochs
 
-    position = {"epoch": 0, "step": 0, "best_macro_f1": -1.0}
+    position = {"epoch": 0, "step": 0, "best_macro_f1": -1.0, "data": fingerprint}
     has_run = (out / "last").exists() or (out / "last.old").exists()
     if resume and has_run:
         position = load_run_state(out / "last", model, optimizer)
+        if position.get("data") != fingerprint:
+            raise EmoError(f"--resume: the training or validation data differ from those {out} was trained on "
+                           f"(see data in {out / 'last' / 'model.json'}); pass the same --data and --val")
     elif resume:
         raise EmoError(f"--resume: {out / 'last'} does not exist; start without --resume")
     elif has_run:
@@ -322,7 +336,7 @@ def train_stage1(cfg, resume=False):
                 if metrics["macro_f1"] > position["best_macro_f1"]:
                     position["best_macro_f1"] = metrics["macro_f1"]
                     save_checkpoint(out / "best", model.state_dict(), {"config": asdict(cfg), "epoch": epoch + 1,
-                                                                      "metrics": metrics})
+                                                                      "metrics": metrics, "data": fingerprint})
             save_run_state(out / "last", model, optimizer, position, cfg)
         if world > 1:
             dist.barrier()
@@ -333,16 +347,505 @@ def train_stage1(cfg, resume=False):
     return model
 
 
+# ================================================================================ Stage II
+
+@dataclass
+class Stage2Config:
+    annotations: str = ""          # EXPR_Recognition_Challenge folder with Train_Set/ and Validation_Set/
+    videos: str = ""               # raw videos (searched recursively: batch1/, batch2/ ...): features from them
+    cropped_aligned: str = ""      # or from Aff-Wild2's aligned crops (<id>/00001.jpg), with audio from --videos
+    features: str = ""             # folder of <id>.features.safetensors; default <out>/features
+    out: str = "runs/stage2"
+    encoder: str = "runs/stage1/best"  # the Stage I run (its best/ or last/) that encodes the faces
+    audio_model: str = "facebook/wav2vec2-large-960h-lv60-self"
+    audio_revision: str = "refs/pr/5"
+    detector: str = "py-feat/retinaface"  # RetinaFace weights: hub id, folder or file
+    stride: int = 1                # encode every stride-th face frame, interpolate the others
+    folds: int = 0                 # K >= 2: cross-validation on Train + Validation; 0: Train -> Validation
+    mode: str = "fused"            # the mode of the saved fold models
+    modes: str = "visual,audio,fused"  # the ablation: each is selected, trained and reported
+    epochs: int = 20
+    batch_size: int = 4096
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    weight_decay: float = 1e-4
+    hidden: int = 512
+    dropout: float = 0.2
+    visual_dropout: float = 0.2
+    audio_dropout: float = 0.25
+    class_weights: str = "inverse"  # inverse class frequency normalised to mean 1, or none
+    smoothing_kinds: str = "median,mean,gaussian"
+    smoothing_windows: str = "11,25,51,101,151,201"
+    inner_folds: int = 5           # 1/inner_folds of the training videos select the epoch and smoothing
+    seed: int = 0
+    device: str = None             # default: cuda if available, else cpu
+
+
+def check_stage2_config(cfg):
+    modes = split_list(cfg.modes)
+    for mode in modes + [cfg.mode]:
+        if mode not in FUSION_MODES:
+            raise EmoError(f"--modes / --mode: {mode!r} is not one of {', '.join(FUSION_MODES)}")
+    for kind in split_list(cfg.smoothing_kinds):
+        if kind not in SMOOTHING_KINDS:
+            raise EmoError(f"--smoothing-kinds: {kind!r} is not one of {', '.join(SMOOTHING_KINDS)}")
+    try:
+        windows = [int(w) for w in split_list(cfg.smoothing_windows)]
+    except ValueError:
+        raise EmoError(f"--smoothing-windows must be odd numbers of frames, e.g. 25,51,101; "
+                       f"got {cfg.smoothing_windows!r}") from None
+    if any(w < 1 or w % 2 == 0 for w in windows):
+        raise EmoError(f"--smoothing-windows must be positive odd numbers of frames, got {cfg.smoothing_windows!r}")
+    if cfg.folds < 0 or cfg.folds == 1:
+        raise EmoError(f"--folds must be 0 (Train -> Validation) or at least 2, got {cfg.folds}")
+    if cfg.inner_folds < 2:
+        raise EmoError(f"--inner-folds must be at least 2, got {cfg.inner_folds}")
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise EmoError(f"--epochs and --batch-size must be positive, got {cfg.epochs} and {cfg.batch_size}")
+    if cfg.class_weights not in ("inverse", "none"):
+        raise EmoError(f"--class-weights must be inverse or none, got {cfg.class_weights!r}")
+    return list(dict.fromkeys(modes + [cfg.mode])), smoothing_candidates(cfg)
+
+
+def split_list(text):
+    return [item.strip() for item in str(text).split(",") if item.strip()]
+
+
+def smoothing_candidates(cfg):
+    """(kind, window) pairs to choose from; ("none", 1) always competes."""
+    kinds = [k for k in split_list(cfg.smoothing_kinds) if k != "none"]
+    return [("none", 1)] + [(kind, int(w)) for kind in kinds for w in split_list(cfg.smoothing_windows) if int(w) > 1]
+
+
+# ------------------------------------------------------------------------------ Stage II data
+
+def annotation_root(path):
+    root = Path(path)
+    if not str(path) or not root.is_dir():
+        raise EmoError(f"--annotations {path!r} is not a folder; pass the EXPR_Recognition_Challenge folder "
+                       "that holds Train_Set/ and Validation_Set/")
+    for name in ("EXPR_Recognition_Challenge", "EXPR_Classification_Challenge"):
+        if (root / name).is_dir():
+            return root / name
+    return root
+
+
+def read_annotations(path):
+    """{"Train_Set": {id: labels}, "Validation_Set": {id: labels}} from an EXPR challenge folder."""
+    root = annotation_root(path)
+    splits = {}
+    for split in ("Train_Set", "Validation_Set"):
+        files = sorted((root / split).glob("*.txt")) if (root / split).is_dir() else []
+        splits[split] = {f.stem: read_annotation(f) for f in files}
+    if not any(splits.values()):
+        raise EmoError(f"no annotations in {root}: expected Train_Set/<id>.txt and Validation_Set/<id>.txt")
+    return splits
+
+
+def feature_file(features_dir, annotation_id):
+    return Path(features_dir) / f"{annotation_id}.features.safetensors"
+
+
+def stage2_features(cfg):
+    """{annotation id: feature file} for every annotated id.
+
+    With --videos (or --cropped-aligned) the features are extracted first, or brought up to date
+    (data.extract_features: a file is skipped while its inputs are unchanged), sharded across the
+    processes under torchrun; without, the files must already be in --features.
+    """
+    ids = [i for split in read_annotations(cfg.annotations).values() for i in split]
+    cfg.features = cfg.features or str(Path(cfg.out) / "features")
+    if cfg.videos or cfg.cropped_aligned:
+        extract_stage2_features(cfg, ids)
+    if not cfg.features or not Path(cfg.features).is_dir():
+        raise EmoError(f"--features {cfg.features!r} is not a folder; extract the per-frame features first "
+                       "(one <id>.features.safetensors per annotation id)")
+    paths = {i: feature_file(cfg.features, i) for i in ids}
+    missing = [i for i, path in paths.items() if not path.is_file()]
+    if missing:
+        raise EmoError(f"{len(missing)} of {len(ids)} feature files are missing in {cfg.features} "
+                       f"(e.g. {feature_file(cfg.features, missing[0]).name}); extract the features first")
+    return paths
+
+
+def extract_stage2_features(cfg, ids):
+    if not cfg.encoder:
+        raise EmoError("--encoder is needed to extract features: pass the Stage I run (e.g. runs/stage1/best)")
+    videos = data.find_videos(cfg.videos) if cfg.videos else None
+    if videos is None and not cfg.cropped_aligned:
+        raise EmoError("pass --videos (raw videos) or --cropped-aligned to extract features")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    detector = None
+    if not cfg.cropped_aligned:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        detector = RetinaFace.from_pretrained(cfg.detector).to(device)
+    annotation_dirs = [annotation_root(cfg.annotations) / split for split in ("Train_Set", "Validation_Set")]
+    for annotation_dir in annotation_dirs:  # the aligned-crop variant reads the frame count from the annotation
+        split_ids = [i for i in ids if (annotation_dir / f"{i}.txt").is_file()]
+        data.extract_features(split_ids, videos if videos is not None else None, cfg.features, cfg.encoder,
+                              cfg.audio_model if cfg.audio_model != "none" else None, detector,
+                              data.FeatureConfig(stride=cfg.stride), audio_revision=cfg.audio_revision,
+                              cropped_aligned=cfg.cropped_aligned or None, annotation_dir=annotation_dir)
+    if world > 1:
+        dist.barrier()  # every rank's share is written before rank 0 reads them all
+
+
+def read_features(path):
+    """(visual, audio) fp16 rows of one feature file."""
+    features = data.load_features(path)
+    if features is None:
+        raise EmoError(f"{path} is not a readable feature file; delete it and extract the features again")
+    visual, audio = features.visual, features.audio
+    if visual.ndim != 2 or audio.ndim != 2 or len(visual) != len(audio):
+        raise EmoError(f"{path}: visual {tuple(visual.shape)} and audio {tuple(audio.shape)} are not "
+                       "(frames, dim) of the same length; delete it and extract the features again")
+    return visual.half(), audio.half()
+
+
+def feature_settings(path):
+    """The feature configuration recorded in a feature file's metadata (for stage2.json), or {}."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            key = json.loads((f.metadata() or {}).get("key", "{}"))
+    except Exception:
+        return {}
+    return key.get("cfg", key.get("features", {})) if isinstance(key, dict) else {}
+
+
+@dataclass
+class FrameRows:
+    """The frames of many annotation ids, concatenated in id and frame order."""
+    visual: torch.Tensor   # (N, Dv) fp16
+    audio: torch.Tensor    # (N, Da) fp16
+    labels: torch.Tensor   # (N,) long, -1 = not scored
+    spans: dict            # id -> (start, end)
+
+    def index(self, ids, valid_only=True):
+        """Row indices of `ids`' frames (those with a label when valid_only)."""
+        parts = [torch.arange(*self.spans[i]) for i in ids]
+        rows = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+        return rows[self.labels[rows] >= 0] if valid_only else rows
+
+
+def load_rows(paths, labels):
+    """All frames of the ids in `labels` in memory; features and labels cut to the shorter length."""
+    visual, audio, frame_labels, spans, start, mismatched = [], [], [], {}, 0, 0
+    for i in tqdm(sorted(labels), desc="features", unit="id", leave=False):
+        v, a = read_features(paths[i])
+        if visual and (v.shape[1] != visual[0].shape[1] or a.shape[1] != audio[0].shape[1]):
+            raise EmoError(f"{paths[i]} has features of {v.shape[1]}+{a.shape[1]} dims, other files "
+                           f"{visual[0].shape[1]}+{audio[0].shape[1]}: extract all with one configuration")
+        n = min(len(v), len(labels[i]))
+        mismatched += len(v) != len(labels[i])
+        visual.append(v[:n])
+        audio.append(a[:n])
+        frame_labels.append(labels[i][:n])
+        spans[i] = (start, start + n)
+        start += n
+    if mismatched:
+        print(f"warning: {mismatched} ids have a feature count other than their label count; "
+              "the longer one was cut", file=sys.stderr)
+    if not visual:
+        raise EmoError("no annotation ids to train on")
+    return FrameRows(torch.cat(visual), torch.cat(audio), torch.cat(frame_labels), spans)
+
+
+# ----------------------------------------------------------------------------------- folds
+
+def video_of(annotation_id):
+    """The raw video of an annotation id: `<v>_left` and `<v>_right` share `<v>`."""
+    return re.sub(r"_(left|right)$", "", annotation_id)
+
+
+def assign_folds(labels, k, seed=0, class_weight=1.0):
+    """{id: fold} with the ids of one video in one fold, folds balanced in labelled frames and class ratios.
+
+    Greedy, deterministic given the seed: videos in decreasing size (ties in seeded order) each go to
+    the fold where the L1 distance of (frames, per-class frames) from the per-fold targets shrinks
+    most; class terms are relative to the class's target, so that rare classes count as much.
+    """
+    videos = {}
+    for annotation_id, y in labels.items():
+        y = torch.as_tensor(y)
+        counts = torch.bincount(y[y >= 0], minlength=len(CLASSES)).double().numpy()
+        entry = videos.setdefault(video_of(annotation_id), [[], np.zeros(len(CLASSES))])
+        entry[0].append(annotation_id)
+        entry[1] += counts
+    if len(videos) < k:
+        raise EmoError(f"{k} folds need at least {k} videos, there are {len(videos)}: lower --folds")
+    names = sorted(videos)
+    tie_order = np.random.default_rng(seed).permutation(len(names))
+    order = sorted(range(len(names)), key=lambda j: (-videos[names[j]][1].sum(), tie_order[j]))
+    class_target = sum(v[1] for v in videos.values()) / k
+    size_target = class_target.sum()
+    sizes, classes = np.zeros(k), np.zeros((k, len(CLASSES)))
+    folds = {}
+    for j in order:
+        ids, counts = videos[names[j]]
+        gain_size = (np.abs(sizes + counts.sum() - size_target) - np.abs(sizes - size_target)) / max(size_target, 1)
+        gain_class = ((np.abs(classes + counts - class_target) - np.abs(classes - class_target))
+                      / np.maximum(class_target, 1)).mean(1)
+        cost = gain_size + class_weight * gain_class
+        fold = int(min(range(k), key=lambda f: (round(cost[f], 12), sizes[f], f)))
+        sizes[fold] += counts.sum()
+        classes[fold] += counts
+        folds.update({i: fold for i in ids})
+    empty = [f for f in range(k) if sizes[f] == 0]
+    if empty:
+        raise EmoError(f"fold {empty[0]} of {k} has no labelled frames: lower --folds or add annotated videos")
+    return folds
+
+
+# ------------------------------------------------------------------------------- training
+
+def resolve_device(name):
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def fusion_kwargs(cfg, rows, mode):
+    return {"visual_dim": rows.visual.shape[1], "audio_dim": rows.audio.shape[1], "hidden": cfg.hidden,
+            "num_classes": len(CLASSES), "mode": mode, "visual_dropout": cfg.visual_dropout,
+            "audio_dropout": cfg.audio_dropout, "dropout": cfg.dropout}
+
+
+@torch.inference_mode()
+def predict_rows(model, rows, index, device, chunk=65536):
+    """float32 logits (len(index), classes) on the CPU."""
+    model.eval()
+    out = []
+    for start in range(0, len(index), chunk):
+        part = index[start:start + chunk]
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            out.append(model(rows.visual[part].to(device), rows.audio[part].to(device)).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, len(CLASSES))
+
+
+def fit_fusion(rows, train_index, kwargs, cfg, device, seed, stop_after=None, on_epoch=None, max_steps=None):
+    """Train a GatedFusion on the rows `train_index` (labelled frames): AdamW, per-step cosine over
+    cfg.epochs from lr to min_lr, class-weighted cross-entropy, random-permutation batches straight from
+    the in-memory tensors. Stops after `stop_after` epochs (the schedule stays cfg.epochs long);
+    on_epoch(epoch, model) runs after each."""
+    if len(train_index) == 0:
+        raise EmoError("a training split has no labelled frames")
+    torch.manual_seed(seed)
+    model = GatedFusion(**kwargs)
+    # on a GPU the training rows move there once (a million 1024+1024 fp16 rows: 4 GB); on the CPU
+    # batches are gathered from the shared tensors, with no copy of the split
+    on_device = device.type == "cuda"
+    if on_device:
+        visual, audio = (torch.cat([x[train_index[s:s + 65536]].to(device) for s in range(0, len(train_index), 65536)])
+                         for x in (rows.visual, rows.audio))
+        model.set_normalization(visual, audio)
+    else:
+        visual, audio = rows.visual, rows.audio
+        model.set_normalization(visual, audio, index=train_index)
+    model.to(device)
+    labels = rows.labels[train_index].to(device)
+    counts = torch.bincount(labels, minlength=len(CLASSES)).float()
+    weights = None
+    if cfg.class_weights == "inverse":
+        inverse = torch.where(counts > 0, 1 / counts.clamp(min=1), torch.zeros_like(counts))
+        weights = inverse / inverse[counts > 0].mean()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda")
+    for group in optimizer.param_groups:
+        group["base_lr"] = cfg.lr
+    n = len(train_index)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total_steps, step = steps_per_epoch * cfg.epochs, 0
+    generator = torch.Generator().manual_seed(seed)
+    for epoch in range(stop_after or cfg.epochs):
+        model.train()
+        order = torch.randperm(n, generator=generator).to(device)
+        for start in range(0, n, cfg.batch_size):
+            batch = order[start:start + cfg.batch_size]
+            rows_batch = batch if on_device else train_index[batch]
+            set_learning_rates(optimizer, step, total_steps, cfg.min_lr)
+            with torch.autocast(device.type, torch.bfloat16, enabled=on_device):
+                logits = model(visual[rows_batch], audio[rows_batch])
+            loss = F.cross_entropy(logits.float(), labels[batch], weight=weights)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if max_steps and step >= max_steps:
+                return model.eval()
+        if on_epoch is not None:
+            on_epoch(epoch + 1, model)
+    return model.eval()
+
+
+def video_logits(model, rows, ids, device):
+    """{id: logits of all its frames, in frame order}."""
+    logits = predict_rows(model, rows, rows.index(ids, valid_only=False), device)
+    out, start = {}, 0
+    for i in ids:
+        n = rows.spans[i][1] - rows.spans[i][0]
+        out[i] = logits[start:start + n]
+        start += n
+    return out
+
+
+def scores(rows, per_id, candidates, device=None):
+    """Macro-F1 over the labelled frames for each (kind, window): smoothing runs per id over all frames."""
+    labels = torch.cat([rows.labels[slice(*rows.spans[i])] for i in per_id])
+    per_id = {i: logits.to(device) for i, logits in per_id.items()}
+    result = {}
+    for kind, window in candidates:
+        predictions = torch.cat([smooth_logits(logits, kind, window).argmax(-1) for logits in per_id.values()])
+        result[(kind, window)] = macro_f1(labels, predictions.cpu())
+    return result
+
+
+def evaluate_ids(model, rows, ids, device, candidates):
+    return scores(rows, video_logits(model, rows, ids, device), candidates, device)
+
+
+def select_and_train(rows, train_ids, mode, cfg, device, candidates, seed):
+    """Choose the epoch and the smoothing on an inner split of the training ids (by video), then retrain
+    on all training ids for the chosen number of epochs. Nothing outside train_ids is read."""
+    videos = len({video_of(i) for i in train_ids})
+    if videos < cfg.inner_folds:
+        raise EmoError(f"choosing the epoch and smoothing needs at least --inner-folds {cfg.inner_folds} "
+                       f"training videos, there are {videos}: lower --inner-folds or --folds")
+    inner = assign_folds({i: rows.labels[slice(*rows.spans[i])] for i in train_ids}, cfg.inner_folds, seed)
+    select_ids = sorted(i for i in train_ids if inner[i] == 0)
+    fit_ids = sorted(i for i in train_ids if inner[i] != 0)
+    kwargs = fusion_kwargs(cfg, rows, mode)
+    curve, best = [], {"f1": -1.0}
+
+    def on_epoch(epoch, model):
+        per_id = video_logits(model, rows, select_ids, device)
+        f1 = scores(rows, per_id, [("none", 1)])[("none", 1)]
+        curve.append(f1)
+        if f1 > best["f1"]:
+            best.update(f1=f1, epoch=epoch, per_id=per_id)
+
+    fit_fusion(rows, rows.index(fit_ids), kwargs, cfg, device, seed, on_epoch=on_epoch)
+    smoothing_scores = scores(rows, best["per_id"], candidates, device)
+    kind, window = max(candidates, key=lambda c: smoothing_scores[c])  # first best: none, then small windows
+    model = fit_fusion(rows, rows.index(sorted(train_ids)), kwargs, cfg, device, seed + 1, stop_after=best["epoch"])
+    selection = {"epoch": best["epoch"], "smoothing": {"kind": kind, "window": window},
+                 "inner_ids": select_ids, "inner_curve": [round(f, 5) for f in curve],
+                 "inner_smoothing": {f"{k}:{w}": round(f, 5) for (k, w), f in smoothing_scores.items()}}
+    return model, selection
+
+
+def protocol(cfg, splits):
+    """[(name, training ids, reported ids)]: K folds of Train + Validation by video, or Train -> Validation."""
+    if cfg.folds == 0:
+        if not splits["Train_Set"] or not splits["Validation_Set"]:
+            raise EmoError("without --folds, the annotations need both Train_Set/ and Validation_Set/ "
+                           f"(found {len(splits['Train_Set'])} and {len(splits['Validation_Set'])} ids)")
+        return [("validation", sorted(splits["Train_Set"]), sorted(splits["Validation_Set"]))], None
+    pooled = {**splits["Train_Set"], **splits["Validation_Set"]}
+    folds = assign_folds(pooled, cfg.folds, cfg.seed)
+    return [(f"fold{k}", sorted(i for i in pooled if folds[i] != k), sorted(i for i in pooled if folds[i] == k))
+            for k in range(cfg.folds)], folds
+
+
+def summary(values):
+    return {"per_fold": [round(v, 5) for v in values], "mean": round(float(np.mean(values)), 5),
+            "std": round(float(np.std(values)), 5)}
+
+
+def train_stage2(cfg):
+    modes, candidates = check_stage2_config(cfg)
+    device = resolve_device(cfg.device)
+    splits = read_annotations(cfg.annotations)
+    paths = stage2_features(cfg)
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun the features are extracted by all ranks, fit on one
+        return None
+    pooled = {**splits["Train_Set"], **splits["Validation_Set"]}
+    runs, folds = protocol(cfg, splits)
+    rows = load_rows(paths, pooled)
+    if not cfg.encoder:
+        print("warning: no --encoder given: stage2.json will not say which Stage I run made the features, "
+              "and infer.py needs that", file=sys.stderr)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stage2.json").unlink(missing_ok=True)  # until the new one is complete, DIR holds no checkpoint
+
+    results, saved = {}, []
+    for mode in modes:
+        results[mode] = []
+        for k, (name, train_ids, report_ids) in enumerate(runs):
+            started = time.perf_counter()
+            model, selection = select_and_train(rows, train_ids, mode, cfg, device, candidates, cfg.seed + 1000 * k)
+            chosen = (selection["smoothing"]["kind"], selection["smoothing"]["window"])
+            reported = evaluate_ids(model, rows, report_ids, device, [("none", 1), chosen])
+            results[mode].append({"name": name, "train_ids": len(train_ids), "report_ids": report_ids,
+                                  "raw": round(reported[("none", 1)], 5), "smoothed": round(reported[chosen], 5),
+                                  "selection": selection})
+            tqdm.write(f"{mode} {name}: epoch {selection['epoch']}, smoothing {chosen[0]} {chosen[1]}; Macro-F1 "
+                       f"raw {reported[('none', 1)]:.4f}, smoothed {reported[chosen]:.4f} "
+                       f"({time.perf_counter() - started:.1f} s)")
+            if mode == cfg.mode:
+                state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+                with atomic_path(out / f"fold{k}.safetensors") as tmp:
+                    save_file(state, str(tmp), metadata={"format": "pt"})
+                saved.append(f"fold{k}.safetensors")
+
+    ablation = {mode: {kind: summary([r[kind] for r in results[mode]]) for kind in ("raw", "smoothed")}
+                for mode in modes}
+    final = results[cfg.mode]
+    # one smoothing for the deployed ensemble: the best mean over the folds' inner selection splits
+    candidate_means = {c: np.mean([r["selection"]["inner_smoothing"][f"{c[0]}:{c[1]}"] for r in final])
+                       for c in candidates}
+    kind, window = max(candidates, key=lambda c: candidate_means[c])
+    report = {"protocol": "train -> validation" if cfg.folds == 0 else f"{cfg.folds}-fold cross-validation by video",
+              "folds": [r["name"] for r in final], "ablation": ablation, "runs": results,
+              "fold_of_id": folds, "config": asdict(cfg)}
+    save_json(out / "report.json", report)
+    with atomic_path(out / "report.md") as tmp:
+        tmp.write_text(report_markdown(cfg, results, ablation, (kind, window)))
+    info = {"format": STAGE2_FORMAT, "encoder": str(Path(cfg.encoder).resolve()) if cfg.encoder else None,
+            "audio_model": cfg.audio_model, "audio_revision": cfg.audio_revision, "detector": cfg.detector,
+            "features": feature_settings(next(iter(paths.values()))), "mode": cfg.mode,
+            "smoothing": {"kind": kind, "window": window}, "folds": cfg.folds, "fold_files": saved,
+            "fusion": fusion_kwargs(cfg, rows, cfg.mode),
+            "metrics": {"macro_f1": ablation[cfg.mode],
+                        "selection": [{"epoch": r["selection"]["epoch"], "smoothing": r["selection"]["smoothing"]}
+                                      for r in final]},
+            "config": asdict(cfg)}
+    save_json(out / "stage2.json", info)
+    tqdm.write(report_markdown(cfg, results, ablation, (kind, window)))
+    return info
+
+
+def report_markdown(cfg, results, ablation, smoothing):
+    names = [r["name"] for r in next(iter(results.values()))]
+    lines = [f"# Stage II ablation ({'Train -> Validation' if cfg.folds == 0 else f'{cfg.folds}-fold CV by video'})",
+             "", "Macro-F1 on the reported split; the epoch and the smoothing of each fold were chosen on an "
+             "inner split of its training videos. Smoothed: each fold's own choice.", "",
+             "| mode | " + " | ".join(names) + " | mean +/- std |", "|---|" + "---|" * (len(names) + 1)]
+    for mode, runs in results.items():
+        for kind in ("raw", "smoothed"):
+            cells = [f"{r[kind]:.4f}" for r in runs]
+            lines.append(f"| {mode} {kind} | " + " | ".join(cells) +
+                         f" | {ablation[mode][kind]['mean']:.4f} +/- {ablation[mode][kind]['std']:.4f} |")
+    lines += ["", f"Saved: the {cfg.mode} fold models; smoothing for inference: {smoothing[0]}, window {smoothing[1]}."]
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------------- command line
 
 def main(argv=None):
+    stage = argparse.ArgumentParser(add_help=False)
+    stage.add_argument("--stage", type=int)
+    config_class = Stage2Config if stage.parse_known_args(argv)[0].stage == 2 else Stage1Config
     parser = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", type=int, choices=(1,), required=True, help="1: fine-tune the image encoder")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    defaults = Stage1Config()
-    for name, value in asdict(defaults).items():
+    parser.add_argument("--stage", type=int, choices=(1, 2), required=True,
+                        help="1: fine-tune the image encoder; 2: gated fusion on extracted features "
+                        "(`--stage 2 --help` lists its flags)")
+    if config_class is Stage1Config:
+        parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    for name, value in asdict(config_class()).items():
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             parser.add_argument(flag, action="store_true", help="(default off)")
@@ -352,7 +855,10 @@ def main(argv=None):
             parser.add_argument(flag, type=type(value) if value is not None else str, default=value,
                                 help="(default %(default)s)")
     args = vars(parser.parse_args(argv))
-    args.pop("stage")  # Stage II (--stage 2) arrives with its own config
+    args.pop("stage")
+    if config_class is Stage2Config:
+        train_stage2(Stage2Config(**args))
+        return
     resume = args.pop("resume")
     cfg = Stage1Config(**args)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Benchmarks, run as `python emo.py bench [backbones|media|all]` (or `python tests/bench.py`).
+"""Benchmarks, run as `python emo.py bench [backbones|media|stage2|all]` (or `python tests/bench.py`).
 
 backbones: emo's ViT and Wav2Vec2 against transformers on the same random weights. Everything is
 measured in one run:
@@ -20,6 +20,12 @@ features: data.video_features (decode twice, detect, track, 3-scale crops, encod
 against the model forwards alone (detector, encoder, wav2vec2) on the same frames, crops and waveform:
 their ratio is the pipeline's efficiency. Random ViT-L/14 + wav2vec2-large on a GPU (a 1280x720 video),
 smaller ones on the CPU (640x360).
+
+stage2: training throughput (frames/s) of the Stage II gated fusion on one million random feature
+rows of 1024 + 1024 dims held in memory (fp16), with the recipe's batch of 4096, and the peak memory
+(the process's peak RSS on CPU; torch.cuda.max_memory_allocated on a GPU).
+
+infer: infer.py end to end against the model forwards alone on the same frames (run_infer).
 """
 import math
 import sys
@@ -130,6 +136,10 @@ def run(what="all", device="cpu", repeats=3, compile=False, small=False):
         run_media(torch.device(device), repeats, small)
     if what in ("features", "all"):
         run_features(torch.device(device), repeats, small)
+    if what in ("stage2", "all"):
+        run_stage2(torch.device(device), small)
+    if what in ("infer", "all"):
+        run_infer(torch.device(device), repeats, small)
 
 
 def run_backbones(device, repeats, compile, small):
@@ -339,6 +349,151 @@ def run_features(device, repeats, small):
     print(f"  model forwards alone: {num_frames / t_models:.1f} frames/s (detector {t_detect / t_models:.0%}, "
           f"encoder {t_encode / t_models:.0%}, wav2vec2 {t_audio / t_models:.0%}) "
           f"-> pipeline efficiency {t_models / t_pipeline:.2f}")
+
+
+def run_stage2(device, small=False, rows=None, dim=1024):
+    """Stage II training on `rows` random fp16 feature rows (default one million; 16,384 with small).
+
+    Two runs of fit_fusion with different step counts: their difference gives the steady training
+    throughput, the rest is the set-up (normalisation statistics; on a GPU the copy of the rows there).
+    On the CPU the runs stop after a few dozen steps of the epoch; on a GPU they are 1 and 3 epochs.
+    Returns {"frames_per_second", "setup_seconds", "peak_bytes"}.
+    """
+    import resource
+
+    from train import FrameRows, Stage2Config, fit_fusion, fusion_kwargs
+    rows = rows or (16_384 if small else 1_000_000)
+    generator = torch.Generator().manual_seed(0)
+    visual, audio = (torch.empty(rows, dim, dtype=torch.float16) for _ in range(2))
+    for start in range(0, rows, 65536):
+        for x in (visual, audio):
+            x[start:start + 65536] = torch.randn(len(x[start:start + 65536]), dim, generator=generator)
+    frame_rows = FrameRows(visual, audio, torch.randint(0, 8, (rows,), generator=generator), {"all": (0, rows)})
+    cfg = Stage2Config(epochs=3)
+    kwargs = fusion_kwargs(cfg, frame_rows, "fused")
+    index = torch.arange(rows)
+    per_epoch = math.ceil(rows / cfg.batch_size)
+    short, long = (per_epoch, 3 * per_epoch) if device.type == "cuda" else ((1, 3) if small else (5, 30))
+    fit_fusion(frame_rows, index[:cfg.batch_size], kwargs, cfg, device, 0, max_steps=1)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for steps in (short, long):
+        synchronize(device)
+        start = time.perf_counter()
+        fit_fusion(frame_rows, index, kwargs, cfg, device, 0, max_steps=steps)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    frames = (min(long * cfg.batch_size, 3 * rows) - min(short * cfg.batch_size, rows))
+    throughput = frames / (times[1] - times[0])
+    setup = max(0.0, times[0] - min(short * cfg.batch_size, rows) / throughput)  # noisy on a busy machine
+    if device.type == "cuda":
+        peak, where = torch.cuda.max_memory_allocated(device), f"GPU ({torch.cuda.get_device_name(device)})"
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        where = f"CPU ({torch.get_num_threads()} threads)"
+    print(f"stage2: gated fusion training on {rows:,} rows of {dim}+{dim} fp16 features, batch {cfg.batch_size}, "
+          f"{where}: {throughput:,.0f} frames/s ({rows / throughput:.1f} s per epoch), set-up {setup:.1f} s; "
+          f"peak memory {peak / 2**30:.2f} GiB ({'max allocated' if device.type == 'cuda' else 'process RSS'})")
+    return {"frames_per_second": throughput, "setup_seconds": setup, "peak_bytes": peak}
+
+
+def run_infer(device, repeats=3, small=False):
+    """infer.py end to end (decode, detect, track, crop, encode, audio, fusion, smoothing, CSV/ABAW/PNG
+    writers) against the model forwards alone on the same frames: detector, encoder on every crop,
+    wav2vec 2.0 over the sound, fusion ensemble. Their time ratio is the pipeline's efficiency. Also the
+    real-time factor (video seconds per second of processing). Random weights: a 6-layer DINOv2-S on CPU,
+    ViT-L/14 + wav2vec2-large with the MoE head on a GPU (tiny with small); 640x360 (CPU) or 1280x720
+    (GPU) video with a real face and sound. Returns the numbers as a dict."""
+    import infer
+    from test_infer import tiny_stage2
+    gpu = device.type == "cuda"
+    if small:
+        vit, w2v, head, frames, (width, height), fps = {}, None, "linear", 24, (320, 240), 25
+    elif gpu:
+        vit, w2v, head, frames, (width, height), fps = hf.VIT_LARGE, hf.W2V_LARGE, "moe", 300, (1280, 720), 30
+    else:
+        vit = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, image_size=518, patch_size=14)
+        w2v, head, frames, (width, height), fps = hf.TINY_W2V_LARGE, "linear", 64, (640, 360), 25
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode(False):
+        tmp = Path(tmp)
+        ckpt = tiny_stage2(tmp / "ckpt", vit=vit, w2v=w2v, head=head, hidden=512 if gpu and not small else 32,
+                           folds=5 if not small else 2, smoothing={"kind": "median", "window": 101 if not small else 5})
+        video = sound_face_video(tmp / "face.mp4", frames, width, height, fps)
+        predictor = infer.Predictor.load(ckpt, device)
+        out = tmp / "out"
+
+        def end_to_end():
+            predictions = infer.predict_video(video, predictor)
+            infer.write_outputs(out, predictions)
+            return predictions
+
+        (prediction,) = end_to_end()
+        faces = int(prediction.face.sum())
+        forwards = model_forwards(video, predictor, prediction)
+        t_e2e, t_models = best_times([end_to_end, forwards], device, repeats)
+    duration = frames / fps
+    result = {"frames": frames, "size": f"{width}x{height}", "fps": fps, "faces": faces,
+              "end_to_end_frames_per_s": frames / t_e2e, "models_frames_per_s": frames / t_models,
+              "efficiency": t_models / t_e2e, "real_time_factor": duration / t_e2e}
+    name = "tiny" if small else "ViT-L/14 + MoE, wav2vec2-large, 5 folds" if gpu else "6-layer ViT-S/14, tiny wav2vec2"
+    print(f"infer ({name}; {frames} frames {width}x{height} at {fps} fps with sound, a face on {faces}; "
+          f"{device.type}): end to end {result['end_to_end_frames_per_s']:.1f} frames/s "
+          f"({result['real_time_factor']:.2f}x real time); model forwards alone "
+          f"{result['models_frames_per_s']:.1f} frames/s -> efficiency {result['efficiency']:.2f}")
+    return result
+
+
+def sound_face_video(path, num_frames, width, height, fps):
+    """The astronaut photo drifting over a grey frame (one real face per frame) with a tone."""
+    from PIL import Image
+    from skimage.data import astronaut
+    side = int(height * 0.8)
+    photo = np.asarray(Image.fromarray(astronaut()).resize((side, side)))
+    frames = np.full((num_frames, height, width, 3), 90, dtype=np.uint8)
+    for i in range(num_frames):
+        x = int((width - side) * (0.5 + 0.4 * math.sin(i / 15)))
+        frames[i, (height - side) // 2:(height - side) // 2 + side, x:x + side] = photo
+    t = np.arange(int(num_frames / fps * 16000)) / 16000
+    write_video(path, frames, fps, (0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 16000, "mp4")
+    return path
+
+
+def model_forwards(video, predictor, prediction):
+    """A function running the pipeline's model forwards alone, on inputs prepared here beforehand:
+    the decoded frames through the detector, the face crops of every frame at every scale through the
+    encoder, the waveform through wav2vec 2.0, the features through the fold ensemble."""
+    from data import crop_faces, read_audio
+    from models import normalize_waveform
+    cfg, device = predictor.feature_cfg, predictor.device
+    batch = cfg.batch_frames
+    frames = torch.cat([f for f, _ in iter_frames(video, batch)])
+    boxes = torch.as_tensor(prediction.boxes)
+    have = ~boxes.isnan().any(1)
+    crops = torch.cat([crop_faces(frames[i:i + batch][have[i:i + batch]], boxes[i:i + batch][have[i:i + batch]],
+                                  cfg.scales, cfg.crop_size, cfg.crop_resize) for i in range(0, len(frames), batch)])
+    crops = crops.flatten(0, 1)
+    mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
+    std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+    crops = ((crops - mean) / std).to(device)
+    wave = normalize_waveform(read_audio(video)[0][None]).to(device)
+    visual = torch.randn(len(frames), predictor.encoder.backbone.cfg.hidden_size, device=device)
+    audio = torch.randn(len(frames), predictor.w2v.cfg.hidden_size, device=device)
+    frames = frames.to(device)
+    detect_cfg = cfg.detect
+    step = batch * len(cfg.scales)
+
+    @torch.inference_mode()
+    def forwards():
+        for i in range(0, len(frames), detect_cfg.batch_size):
+            detect_frames(predictor.detector, frames[i:i + detect_cfg.batch_size], detect_cfg)
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            for i in range(0, len(crops), step):
+                predictor.encoder.features(crops[i:i + step])
+            predictor.w2v(wave)
+        predictor.ensemble(visual, audio)
+    return forwards
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import data
 import hf_checkpoints as hf
 import train
-from emo import run
+from emo import EmoError, run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,6 +54,11 @@ def test_killed_run_resumes_to_the_same_weights(setup, tmp_path):
     resumed = load_file(tmp_path / "killed" / "last" / "model.safetensors")
     assert whole.keys() == resumed.keys()
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+    best = json.loads((tmp_path / "whole" / "best" / "model.json").read_text())
+    assert best["data"]["train"][0]["images"] == 192 and best["metrics"]["macro_f1"] >= 0
+    with pytest.raises(EmoError, match="data differ"):  # the same folder twice is other training data
+        train.main(args(setup, tmp_path / "whole", *common, "--resume", "--data", f"plain:{setup[0] / 'synth/images'}"))
 
 
 def test_bad_runs_fail_with_one_clear_line(setup, tmp_path, capsys):

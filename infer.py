@@ -1,0 +1,651 @@
+"""Frame-level expressions of the people in videos, with their sound: the command most users run first.
+
+    python infer.py video.mp4                     # checkpoint runs/stage2, results in outputs/
+    python infer.py videos/ more.avi --ckpt runs/stage2 --out outputs/ --person all --video-out
+
+Per video: decode, detect and track the face, crop it at several scales, encode the crops with the
+Stage I encoder, compute frame-aligned wav2vec 2.0 audio features, fuse them with the Stage II fold
+ensemble (logits averaged), smooth the logits over time with the checkpoint's filter, softmax.
+Written to --out for each prediction id (`<video stem>`, or `<stem>_left` / `<stem>_right`):
+
+    <id>.csv        one row per video frame: frame,time,label,Neutral,...,Other,face,audio
+    <id>.abaw.txt   ABAW submission rows: image_location,Neutral,...,Other then <id>/00001.jpg,<0..7>
+    <id>.png        timeline: probability of each class over time, the label strip, face/audio strips
+    <id>.mp4        with --video-out: the video with the face box, label and probability drawn
+
+Frames without a face are predicted from their neighbours' visual features and the audio (face=0 in
+the CSV). A video with no face at all gets audio-only predictions (face=0 on every row, a warning)
+unless --fail-without-face. Every file is written under a temporary name and renamed at the end, so
+an error leaves nothing half-written.
+"""
+import argparse
+import contextlib
+import copy
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+import data
+import models
+from emo import CLASSES, EmoError, atomic_path, read_json, run
+
+STAGE2_FORMAT = models.STAGE2_FORMAT
+DEFAULT_DETECTOR = "py-feat/retinaface_r34"  # used when the checkpoint names none (trained on cropped_aligned)
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts")
+PERSONS = ("largest", "left", "right", "all")
+ABAW_SUBMISSION_HEADER = "image_location," + ",".join(CLASSES)
+CSV_HEADER = "frame,time,label," + ",".join(CLASSES) + ",face,audio"
+# One colour per class (RGB), for the timeline and the annotated video.
+CLASS_COLOURS = ((128, 128, 128), (220, 40, 40), (110, 150, 30), (140, 70, 190),
+                 (245, 175, 0), (40, 100, 220), (0, 185, 190), (150, 95, 60))
+
+
+# ------------------------------------------------------------------------------------ predictions
+
+@dataclass
+class VideoPrediction:
+    """One person's predictions on every frame of one video (numpy arrays, one row per frame)."""
+    id: str                      # <stem>, <stem>_left or <stem>_right: the name of the output files
+    video: str                   # path of the video
+    person: str                  # the rule that chose the face track: largest, left or right
+    fps: float
+    width: int
+    height: int
+    frames: np.ndarray           # (N,) int64: 0-based frame index in decode order (ABAW image 00001.jpg = 0)
+    times: np.ndarray            # (N,) float64: presentation time in seconds
+    probabilities: np.ndarray    # (N, 8) float32: softmax of the smoothed ensemble logits
+    labels: np.ndarray           # (N,) int64: argmax class, 0..7 in CLASSES order
+    face: np.ndarray             # (N,) bool: a (tracked, possibly gap-filled) face box was used
+    audio: np.ndarray            # (N,) bool: the video's sound covers this frame
+    boxes: np.ndarray            # (N, 4) float32: x1, y1, x2, y2 in frame pixels, NaN where no face
+    audio_only: bool = False     # no face anywhere in the video: predicted from the sound alone
+
+    def __len__(self):
+        return len(self.frames)
+
+
+def prediction_from_logits(logits, features, id, video, person, info):
+    """VideoPrediction from raw (N, 8) logits (already smoothed) and the person's FrameFeatures."""
+    probabilities = torch.softmax(logits.float(), dim=-1)
+    face = _numpy(features.face).astype(bool)
+    return VideoPrediction(
+        id=id, video=str(video), person=person, fps=float(info.fps), width=int(info.width), height=int(info.height),
+        frames=np.arange(len(logits), dtype=np.int64), times=_numpy(features.times).astype(np.float64),
+        probabilities=probabilities.numpy().astype(np.float32),
+        labels=probabilities.argmax(-1).numpy().astype(np.int64),
+        face=face, audio=_numpy(features.audio_present).astype(bool),
+        boxes=_numpy(features.boxes).astype(np.float32), audio_only=not face.any())
+
+
+def _numpy(x):
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+# -------------------------------------------------------------------------------------- predictor
+
+class Predictor:
+    """Everything inference needs, loaded once from a Stage II checkpoint directory:
+
+        predictor = Predictor.load("runs/stage2", device="cuda")
+        for p in predict_video("clip.mp4", predictor, person="all"):
+            print(p.id, p.labels)
+
+    Holds the Stage I encoder, the wav2vec 2.0 model, the face detector, the fold ensemble and the
+    checkpoint's smoothing (`smoothing`, a dict kind/window, may be replaced).
+    """
+
+    def __init__(self, ensemble, encoder, w2v, detector, info, feature_cfg, device):
+        self.ensemble, self.encoder, self.w2v, self.detector = ensemble, encoder, w2v, detector
+        self.info, self.feature_cfg, self.device = info, feature_cfg, torch.device(device)
+        self.smoothing = dict(info.get("smoothing") or {"kind": "none", "window": 1})
+        self.mode = info.get("mode", "fused")
+        self._audio_only = None
+
+    @classmethod
+    def load(cls, ckpt_dir, device=None, detector=None, stride=1, batch_size=None):
+        """Load a `train.py --stage 2` directory. detector: a hub id, directory or weights file (or a
+        loaded RetinaFace) instead of the one the checkpoint names. stride: encode every stride-th
+        face frame and interpolate the rest. batch_size: frames per batch (speed and memory only)."""
+        device = resolve_device(device)
+        info = read_stage2_info(ckpt_dir)
+        feature_cfg = feature_config(info, ckpt_dir, stride, batch_size)
+        try:
+            ensemble, loaded_info = models.load_stage2(ckpt_dir, device)
+        except EmoError as e:
+            raise EmoError(f"{ckpt_dir} does not fit this emo: {e}") from None
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise EmoError(f"{ckpt_dir} does not fit this emo ({_first_line(e)}); "
+                           "train it again with this version's train.py --stage 2") from None
+        info = {**info, **(loaded_info or {})}
+        encoder = data.load_encoder(_resolve(info["encoder"], ckpt_dir), device)
+        w2v = None
+        if info.get("audio_model"):
+            w2v = models.Wav2Vec2.from_pretrained(_resolve(info["audio_model"], ckpt_dir),
+                                                  info.get("audio_revision")).to(device).eval()
+        if not isinstance(detector, torch.nn.Module):
+            source = detector or info.get("detector") or DEFAULT_DETECTOR
+            detector = models.RetinaFace.from_pretrained(_resolve(source, ckpt_dir))
+        detector = detector.to(device).eval()
+        check_dimensions(info, encoder, w2v, ckpt_dir)
+        return cls(ensemble.to(device).eval(), encoder, w2v, detector, info, feature_cfg, device)
+
+    def features(self, video, people=("largest",), progress=False):
+        """[(person, FrameFeatures)] for each of `people` (largest, left, right) in a video: one decoding
+        and detection pass for all of them where data.people_features exists."""
+        kwargs = dict(cfg=self.feature_cfg, device=self.device, progress=progress)
+        audio_dim = (self.info.get("fusion") or {}).get("audio_dim")
+        if audio_dim:
+            kwargs["audio_dim"] = audio_dim  # the zeros of a checkpoint without an audio model
+        found = data.people_features(video, self.encoder, self.w2v, self.detector, tuple(people), **kwargs)
+        return [(person, found[person]) for person in people]
+
+    def predict(self, video, person="largest", fail_without_face=False, progress=False):
+        """predict_video(video, self, ...): a list of VideoPrediction."""
+        return predict_video(video, self, person, fail_without_face, progress)
+
+    @torch.inference_mode()
+    def logits(self, features):
+        """Smoothed ensemble logits (N, 8) on the CPU. A person with no face on any frame goes through
+        audio_only_ensemble with zero visual input."""
+        visual = features.visual.to(self.device, torch.float32)
+        audio = features.audio.to(self.device, torch.float32)
+        face = torch.as_tensor(features.face)
+        model = self.ensemble
+        if len(face) and not face.any() and self.mode != "audio":
+            model, visual = self.audio_only_ensemble(), torch.zeros_like(visual)
+        raw = model(visual, audio).float()
+        return smooth(raw, self.smoothing).cpu()
+
+    def audio_only_ensemble(self):
+        """The ensemble with each fold's visual input pinned to its training mean.
+
+        The fusion L2-normalises its visual input, then z-scores it with the training mean and std
+        (buffers visual_mean / visual_std). In a copy whose visual_mean is zero, a zero visual input
+        stays zero after both steps, i.e. it sits exactly at the training mean, which is also what the
+        visual input dropout taught the model to read as "no visual information". The audio branch and
+        the gate are the trained ones."""
+        if self.mode == "visual":
+            raise EmoError("the checkpoint's model is visual-only, so a video without any face cannot be "
+                           "predicted; use a fused checkpoint or a video where a face is visible")
+        if self._audio_only is None:
+            model = copy.deepcopy(self.ensemble)
+            pinned = 0
+            for module in model.modules():
+                mean = getattr(module, "visual_mean", None)
+                if isinstance(mean, torch.Tensor):
+                    mean.zero_()
+                    pinned += 1
+            if not pinned:
+                raise EmoError("the checkpoint's fusion has no visual normalisation statistics (visual_mean), "
+                               "so no audio-only prediction is possible")
+            self._audio_only = model.eval()
+        return self._audio_only
+
+
+def smooth(logits, smoothing):
+    kind, window = smoothing.get("kind", "none"), int(smoothing.get("window", 1) or 1)
+    if kind in (None, "none") or window <= 1 or len(logits) == 0:
+        return logits
+    return models.smooth_logits(logits, kind=kind, window=window)
+
+
+def resolve_device(device):
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise EmoError(f"unknown device {device!r} ({_first_line(e)}); use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EmoError(f"--device {device} but no CUDA device is available; use --device cpu")
+    return device
+
+
+def read_stage2_info(ckpt_dir):
+    """stage2.json of a checkpoint directory, after the checks that need no model code."""
+    ckpt = Path(ckpt_dir)
+    if not ckpt.exists():
+        raise EmoError(f"checkpoint {ckpt} does not exist; pass --ckpt with the --out folder of train.py --stage 2 "
+                       "(python emo.py demo makes a small one)")
+    if not ckpt.is_dir():
+        raise EmoError(f"checkpoint {ckpt} is not a folder; pass the --out folder of train.py --stage 2")
+    if not (ckpt / "stage2.json").is_file():
+        hint = " (that is a Stage I run; pass the Stage II one)" if (ckpt / "best").is_dir() or \
+            (ckpt / "model.safetensors").is_file() else ""
+        raise EmoError(f"{ckpt} is not a Stage II checkpoint: it has no stage2.json{hint}")
+    info = read_json(ckpt / "stage2.json")
+    if not isinstance(info, dict) or info.get("format") != STAGE2_FORMAT:
+        found = info.get("format") if isinstance(info, dict) else type(info).__name__
+        raise EmoError(f"{ckpt / 'stage2.json'} has format {found!r}, this emo reads {STAGE2_FORMAT!r}; "
+                       "train the checkpoint again with this version")
+    missing = [k for k in ("encoder", "features", "fold_files") if k not in info]
+    if missing:
+        raise EmoError(f"{ckpt / 'stage2.json'} lacks {', '.join(missing)}; the checkpoint is incomplete")
+    if not info["encoder"]:
+        raise EmoError(f"{ckpt / 'stage2.json'} names no Stage I encoder (it was trained without --encoder), so "
+                       "the visual features cannot be made again; train it again with --encoder STAGE1_DIR")
+    absent = [f for f in info["fold_files"] if not (ckpt / f).is_file()]
+    if not info["fold_files"] or absent:
+        raise EmoError(f"{ckpt} is incomplete: fold file {absent[0] if absent else '(none listed)'} is missing")
+    return info
+
+
+def feature_config(info, ckpt_dir, stride=1, batch_size=None):
+    """data.FeatureConfig of the checkpoint, with --stride and --batch-size applied."""
+    try:
+        cfg = data.FeatureConfig(**info["features"])
+    except TypeError as e:
+        raise EmoError(f"{ckpt_dir}: feature settings do not fit this emo ({_first_line(e)})") from None
+    names = {f.name for f in dataclasses.fields(cfg)}
+    if stride != 1:
+        if "stride" not in names:
+            raise EmoError("--stride is not supported by this copy of emo")
+        cfg = dataclasses.replace(cfg, stride=stride)
+    if batch_size is not None:  # every batch size: they change speed and memory, never the results
+        cfg = dataclasses.replace(cfg, **{n: batch_size for n in names if "batch" in n})
+    return cfg
+
+
+def check_dimensions(info, encoder, w2v, ckpt_dir):
+    fusion = info.get("fusion") or {}
+    encoder_dim = encoder.backbone.cfg.hidden_size
+    if fusion.get("visual_dim") not in (None, encoder_dim):
+        raise EmoError(f"{ckpt_dir} does not fit: its fusion takes {fusion['visual_dim']}-d visual features "
+                       f"but the encoder {info['encoder']} gives {encoder_dim}-d ones")
+    if w2v is not None and fusion.get("audio_dim") not in (None, w2v.cfg.hidden_size):
+        raise EmoError(f"{ckpt_dir} does not fit: its fusion takes {fusion['audio_dim']}-d audio features "
+                       f"but {info['audio_model']} gives {w2v.cfg.hidden_size}-d ones")
+
+
+def _resolve(source, ckpt_dir):
+    """A model reference from stage2.json: a path relative to the checkpoint if it exists there, else as given."""
+    if source and not Path(source).is_absolute() and (Path(ckpt_dir) / source).exists():
+        return str(Path(ckpt_dir) / source)
+    return source
+
+
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# ------------------------------------------------------------------------------------ the pipeline
+
+def person_rules(person):
+    """The track rules to run for --person: all = left and right."""
+    if person not in PERSONS:
+        raise EmoError(f"unknown --person {person!r}: use {', '.join(PERSONS)}")
+    return ("left", "right") if person == "all" else (person,)
+
+
+def prediction_id(stem, rule):
+    """`<stem>` for the largest face; `<stem>_left` / `<stem>_right`, as ABAW names the annotation ids of
+    two-person videos, for the left / right one."""
+    return stem if rule == "largest" else f"{stem}_{rule}"
+
+
+def same_track(boxes_a, boxes_b):
+    """Whether two persons' boxes are one track: with a single face track in a video, the left and
+    the right rule both pick it (and with none, both have NaN everywhere)."""
+    a, b = torch.as_tensor(boxes_a), torch.as_tensor(boxes_b)
+    return a.shape == b.shape and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+def people(stem, person, found):
+    """[(id, rule, features)] from [(rule, features)] as tracked for --person. For all: when left and
+    right are one and the same track (one face in the video, or none), a single prediction `<stem>`
+    with rule largest (the only track is also the largest one)."""
+    if person == "all" and len(found) == 2 and same_track(found[0][1].boxes, found[1][1].boxes):
+        return [(stem, "largest", found[0][1])]
+    return [(prediction_id(stem, rule), rule, features) for rule, features in found]
+
+
+def predict_video(video, predictor, person="largest", fail_without_face=False, progress=False, warn=None):
+    """Predictions for the chosen person(s) in one video: a list of VideoPrediction.
+
+    person: largest (one prediction, id `<stem>`), left / right (`<stem>_left` / `<stem>_right`), or
+    all: left and right (`<stem>_left`, `<stem>_right`), collapsing to one prediction `<stem>` when the
+    video shows only one face track (or none). A video with no face anywhere gets audio-only
+    predictions, flagged with audio_only and face=0 (EmoError instead with fail_without_face, or when it
+    has no sound either). warn(text) receives the warnings (default: printed to stderr).
+    """
+    warn = warn or (lambda text: tqdm.write(f"warning: {text}", file=sys.stderr))
+    info = data.probe(video)
+    rules = person_rules(person)
+    predictions = []
+    for id, rule, features in people(Path(video).stem, person, predictor.features(video, rules, progress)):
+        face = torch.as_tensor(features.face)
+        if len(face) == 0:
+            raise EmoError(f"{video} has no decodable video frames; re-encode it")
+        if not face.any() and predictor.mode != "audio":
+            if fail_without_face:
+                raise EmoError(f"{video}: no face found on any of its {len(face)} frames "
+                               "(--fail-without-face); check the video, or try another --detector")
+            if predictor.w2v is None or not torch.as_tensor(features.audio_present).any():
+                raise EmoError(f"{video}: no face found on any of its {len(face)} frames and it has no sound, "
+                               "so there is nothing to predict from")
+            warn(f"{video}: no face found on any frame; writing audio-only predictions (face=0 on every row)")
+        predictions.append(prediction_from_logits(predictor.logits(features), features, id, video, rule, info))
+    return predictions
+
+
+# ---------------------------------------------------------------------------------------- writers
+
+def write_csv(path, prediction):
+    """One row per video frame: frame,time,label,<8 probabilities>,face,audio (label = class name)."""
+    p = prediction
+    lines = [CSV_HEADER]
+    probabilities = p.probabilities.astype(np.float64)
+    for i in range(len(p)):
+        values = ",".join(f"{v:.6f}" for v in probabilities[i])
+        lines.append(f"{int(p.frames[i])},{p.times[i]:.6f},{CLASSES[int(p.labels[i])]},{values},"
+                     f"{int(bool(p.face[i]))},{int(bool(p.audio[i]))}")
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text("\n".join(lines) + "\n")
+
+
+def write_abaw(path, prediction):
+    """ABAW EXPR submission rows: the header, then `<id>/<1-based 5-digit frame>.jpg,<label 0..7>`."""
+    p = prediction
+    rows = [f"{p.id}/{int(f) + 1:05d}.jpg,{int(label)}" for f, label in zip(p.frames, p.labels)]
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text("\n".join([ABAW_SUBMISSION_HEADER, *rows]) + "\n")
+
+
+# Timeline layout, in pixels.
+TL_LEFT, TL_RIGHT, TL_TITLE, TL_ROW, TL_GAP, TL_LABEL, TL_FLAG, TL_AXIS, TL_LEGEND = 92, 16, 26, 16, 6, 20, 7, 28, 24
+
+
+def timeline_height():
+    return (TL_TITLE + len(CLASSES) * TL_ROW + TL_GAP + TL_LABEL + TL_GAP + 2 * TL_FLAG + 2 + TL_AXIS + TL_LEGEND)
+
+
+def font(size):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def column_summary(times, probabilities, labels, flags, columns):
+    """Per pixel column of a time axis: mean probabilities (C, 8), majority label (C,), mean of each
+    flag (C, F). Columns no frame falls in take the nearest frame's values."""
+    n = len(times)
+    t0, t1 = float(times[0]), float(times[-1])
+    span = max(t1 - t0, 1e-9)
+    column = np.clip(((times - t0) / span * columns).astype(np.int64), 0, columns - 1) if n > 1 else np.zeros(1, int)
+    counts = np.bincount(column, minlength=columns).astype(np.float64)
+    mean_p = np.zeros((columns, probabilities.shape[1]))
+    np.add.at(mean_p, column, probabilities)
+    votes = np.zeros((columns, len(CLASSES)))
+    np.add.at(votes, (column, labels), 1)
+    mean_f = np.zeros((columns, flags.shape[1]))
+    np.add.at(mean_f, column, flags)
+    empty = counts == 0
+    nearest = np.clip(np.searchsorted(times, t0 + (np.arange(columns) + 0.5) / columns * span), 0, n - 1)
+    seen = ~empty
+    mean_p[seen] /= counts[seen, None]
+    mean_f[seen] /= counts[seen, None]
+    mean_p[empty] = probabilities[nearest[empty]]
+    mean_f[empty] = flags[nearest[empty]]
+    majority = votes.argmax(1)
+    majority[empty] = labels[nearest[empty]]
+    return mean_p, majority, mean_f
+
+
+def tick_step(span, max_ticks=12):
+    for step in (0.1, 0.2, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200):
+        if span / step <= max_ticks:
+            return step
+    return 10 ** math.ceil(math.log10(span / max_ticks))
+
+
+def write_timeline(path, prediction, width=1200):
+    """PNG of the predictions over time (PIL only): a heat strip per class (white = 0, the class colour
+    = 1), the label strip, face and audio strips (dark = present), an axis in seconds, a legend."""
+    p = prediction
+    height = timeline_height()
+    plot = width - TL_LEFT - TL_RIGHT
+    if plot < 50:
+        raise EmoError(f"timeline width {width} is too small; use at least {TL_LEFT + TL_RIGHT + 50}")
+    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
+    colours = np.array(CLASS_COLOURS, dtype=np.float64)
+    flags = np.stack([p.face, p.audio], 1).astype(np.float64)
+    mean_p, majority, mean_f = column_summary(p.times, p.probabilities.astype(np.float64), p.labels, flags, plot)
+    x = slice(TL_LEFT, TL_LEFT + plot)
+    y = TL_TITLE
+    for c in range(len(CLASSES)):
+        strip = 255 - mean_p[:, c:c + 1] * (255 - colours[c][None])  # (plot, 3)
+        canvas[y + 1:y + TL_ROW, x] = strip.round().astype(np.uint8)[None]
+        y += TL_ROW
+    label_top = y + TL_GAP
+    canvas[label_top:label_top + TL_LABEL, x] = colours[majority].astype(np.uint8)[None]
+    flag_top = label_top + TL_LABEL + TL_GAP
+    for k in range(2):
+        shade = (235 - mean_f[:, k] * 175).round().astype(np.uint8)
+        canvas[flag_top + k * (TL_FLAG + 1):flag_top + k * (TL_FLAG + 1) + TL_FLAG, x] = shade[None, :, None]
+    axis_top = flag_top + 2 * TL_FLAG + 2
+    image = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(image)
+    small, title = font(11), font(13)
+    duration = float(p.times[-1] - p.times[0]) if len(p) > 1 else 0.0
+    flagged = " - no face found: audio-only" if p.audio_only else ""
+    draw.text((6, 6), f"{p.id}: {len(p)} frames, {duration:.1f} s at {p.fps:.2f} fps{flagged}", fill=(0, 0, 0),
+              font=title)
+    for c, name in enumerate(CLASSES):
+        draw.text((6, TL_TITLE + c * TL_ROW + 2), name, fill=(0, 0, 0), font=small)
+    draw.text((6, label_top + 4), "label", fill=(0, 0, 0), font=small)
+    draw.text((6, flag_top - 2), "face", fill=(0, 0, 0), font=font(9))
+    draw.text((6, flag_top + TL_FLAG - 1), "audio", fill=(0, 0, 0), font=font(9))
+    draw.rectangle([TL_LEFT - 1, TL_TITLE, TL_LEFT + plot, flag_top + 2 * TL_FLAG + 1], outline=(60, 60, 60))
+    draw.line([TL_LEFT, axis_top, TL_LEFT + plot, axis_top], fill=(0, 0, 0))
+    t0 = float(p.times[0]) if len(p) else 0.0
+    step = tick_step(max(duration, 1e-3))
+    for k in range(math.ceil(t0 / step - 1e-9), math.floor((t0 + duration) / step + 1e-9) + 1):
+        tick = round(k * step, 6)  # a multiple of the step, without accumulated rounding
+        px = TL_LEFT + (tick - t0) / duration * plot if duration > 0 else TL_LEFT
+        draw.line([px, axis_top, px, axis_top + 4], fill=(0, 0, 0))
+        text = f"{tick:g}"
+        draw.text((px - 3 * len(text), axis_top + 6), text, fill=(0, 0, 0), font=small)
+    draw.text((6, axis_top + 6), "time (s)", fill=(0, 0, 0), font=small)
+    legend_top = axis_top + TL_AXIS
+    slot = (width - 12) / len(CLASSES)
+    for c, name in enumerate(CLASSES):
+        lx = 6 + c * slot
+        draw.rectangle([lx, legend_top + 4, lx + 12, legend_top + 16], fill=CLASS_COLOURS[c], outline=(0, 0, 0))
+        draw.text((lx + 16, legend_top + 4), name, fill=(0, 0, 0), font=small)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return image.size
+
+
+def write_annotated_video(path, predictions, video, batch_size=32):
+    """The video re-encoded (H.264, or MPEG-4 Part 2 where libx264 is missing) at its average frame rate
+    (frame i at i / fps, so a variable-rate video keeps its frames but not their exact times), with each
+    person's face box, label and probability drawn. The sound is not copied. Odd frame sizes lose their
+    last row / column (the encoders need even ones). Returns the number of frames written."""
+    info = data.probe(video)
+    n = len(predictions[0])
+    width, height = info.width - info.width % 2, info.height - info.height % 2
+    rate = Fraction(info.fps if info.fps > 0 else 25).limit_denominator(1001)
+    text_font = font(max(12, height // 22))
+    line = max(2, height // 180)
+    with atomic_path(path) as tmp:
+        import av
+        with av.open(str(tmp), "w", format="mp4") as out:
+            try:
+                stream = out.add_stream("libx264", rate=rate, options={"crf": "20", "preset": "veryfast"})
+            except (av.FFmpegError, ValueError):
+                stream = out.add_stream("mpeg4", rate=rate)
+                stream.bit_rate = 4_000_000
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            index = 0
+            for frames, _ in data.iter_frames(video, batch_size):
+                for frame in frames.numpy():
+                    image = Image.fromarray(frame[:height, :width])
+                    if index < n:
+                        draw_predictions(ImageDraw.Draw(image), predictions, index, text_font, line)
+                    encoded = av.VideoFrame.from_ndarray(np.asarray(image), format="rgb24")
+                    encoded.pts = index
+                    for packet in stream.encode(encoded):
+                        out.mux(packet)
+                    index += 1
+            for packet in stream.encode():
+                out.mux(packet)
+    return index
+
+
+def draw_predictions(draw, predictions, index, text_font, line):
+    """Each person's box on frame `index`, and its label and probability on the class colour."""
+    size = getattr(text_font, "size", 11)
+    for row, p in enumerate(predictions):
+        label = int(p.labels[index])
+        colour = CLASS_COLOURS[label]
+        text = f"{CLASSES[label]} {p.probabilities[index, label]:.2f}"
+        if len(predictions) > 1:
+            text = f"{p.person}: {text}"
+        box = p.boxes[index]
+        if bool(p.face[index]) and np.isfinite(box).all():
+            draw.rectangle([float(v) for v in box], outline=colour, width=line)
+            x, y = float(box[0]), float(box[1]) - size - 8  # above the box, or below it at the top edge
+            if y < 0:
+                y = float(box[3]) + 2
+        else:
+            text += " (no face)"
+            x, y = 4.0, 4.0 + row * (size + 10)
+        left, top, right, bottom = draw.textbbox((x + 3, y + 2), text, font=text_font)
+        draw.rectangle([left - 3, top - 2, right + 3, bottom + 2], fill=colour)
+        draw.text((x + 3, y + 2), text, fill=(255, 255, 255), font=text_font)
+
+
+def output_paths(out, predictions, video_out):
+    """{file kind: path} for each prediction, and the MP4's path (None without --video-out)."""
+    out = Path(out)
+    files = [{"csv": out / f"{p.id}.csv", "abaw": out / f"{p.id}.abaw.txt", "png": out / f"{p.id}.png"}
+             for p in predictions]
+    mp4 = None
+    if video_out:
+        name = predictions[0].id if len(predictions) == 1 else Path(predictions[0].video).stem
+        mp4 = out / f"{name}.mp4"
+    return files, mp4
+
+
+def write_outputs(out, predictions, video_out=False, batch_size=32):
+    """Every output file of one video's predictions, all-or-nothing: each is written under a temporary
+    name, and they are renamed only when all are complete. Returns the written paths."""
+    files, mp4 = output_paths(out, predictions, video_out)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    written = []
+    with contextlib.ExitStack() as stack:
+        for prediction, paths in zip(predictions, files):
+            tmp = {kind: stack.enter_context(atomic_path(path)) for kind, path in paths.items()}
+            write_csv(tmp["csv"], prediction)
+            write_abaw(tmp["abaw"], prediction)
+            write_timeline(tmp["png"], prediction)
+            written += paths.values()
+        if mp4 is not None:
+            write_annotated_video(stack.enter_context(atomic_path(mp4)), predictions, predictions[0].video,
+                                  batch_size)
+            written.append(mp4)
+    return written
+
+
+# ------------------------------------------------------------------------------------ command line
+
+def find_inputs(paths):
+    """Video files from the command line: files as given, folders searched recursively for video suffixes."""
+    videos = []
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
+            if not found:
+                raise EmoError(f"{path} holds no videos ({', '.join(VIDEO_SUFFIXES)})")
+            videos += found
+        elif path.exists():
+            videos.append(path)
+        else:
+            raise EmoError(f"{path} does not exist")
+    stems = {}
+    for video in videos:
+        if video.stem in stems and stems[video.stem] != video.resolve():
+            raise EmoError(f"two videos are named {video.stem}: {stems[video.stem]} and {video}; their outputs "
+                           "would overwrite each other, so run them into different --out folders")
+        stems[video.stem] = video.resolve()
+    return list(dict.fromkeys(videos))
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="infer.py", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="VIDEO", help="video files, or folders searched recursively for them")
+    p.add_argument("--ckpt", default="runs/stage2", metavar="DIR",
+                   help="Stage II checkpoint: the --out of train.py --stage 2 (default %(default)s)")
+    p.add_argument("--out", default="outputs", metavar="DIR",
+                   help="output folder, created if missing (default %(default)s)")
+    p.add_argument("--person", choices=PERSONS, default="largest",
+                   help="whose face: the largest (default), the left or right one of two, or all: left and right "
+                        "(one prediction when the video shows only one face)")
+    p.add_argument("--stride", type=positive_int, default=1, metavar="N",
+                   help="encode every N-th face frame and interpolate the features between (faster, default 1)")
+    p.add_argument("--video-out", action="store_true", help="also write <id>.mp4 with the box and label on each frame "
+                   "(no sound)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
+                   help="frames per batch through the decoder, detector and encoder (speed and memory only)")
+    p.add_argument("--fail-without-face", action="store_true",
+                   help="stop with an error on a video without any face, instead of writing audio-only predictions")
+    p.add_argument("--detector", metavar="ID_OR_PATH",
+                   help="RetinaFace weights (hub id, folder or file) instead of those the checkpoint names")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise EmoError(f"--out {out} exists and is not a folder")
+    videos = find_inputs(args.inputs)
+    for video in videos:  # every input checked before any work: missing, unreadable, no video stream
+        data.probe(video)
+    predictor = Predictor.load(args.ckpt, args.device, args.detector, args.stride, args.batch_size)
+    created = not out.exists()
+    try:
+        frames = 0
+        for number, video in enumerate(videos, 1):
+            start = time.perf_counter()
+            predictions = predict_video(video, predictor, args.person, args.fail_without_face, progress=True)
+            written = write_outputs(out, predictions, args.video_out, args.batch_size or 32)
+            seconds = time.perf_counter() - start
+            frames += len(predictions[0])
+            tqdm.write(f"[{number}/{len(videos)}] {video}: {len(predictions[0])} frames in {seconds:.1f} s "
+                       f"({len(predictions[0]) / max(seconds, 1e-9):.1f} frames/s) -> "
+                       + ", ".join(p.name for p in written), file=sys.stderr)
+    finally:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # an error before the first video's outputs: leave no trace
+    tqdm.write(f"done: {len(videos)} video(s), {frames} frames, outputs in {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
