@@ -670,6 +670,26 @@ def boxes_for(boxes, person, num_frames, source="the boxes"):
     return chosen
 
 
+def stage1_directory(stage1_dir):
+    """The checkpoint directory of a Stage I run: stage1_dir itself, or its best/, else its last/."""
+    directory = Path(stage1_dir)
+    if not (directory / "model.json").is_file():
+        found = [directory / sub for sub in ("best", "last") if (directory / sub / "model.json").is_file()]
+        if not found:
+            raise EmoError(f"{stage1_dir} is not a Stage I checkpoint: no model.json in it or in its best/ or last/; "
+                           "pass the --out directory of train.py --stage 1 (or its best/)")
+        directory = found[0]
+    return directory
+
+
+def stage1_config(stage1_dir):
+    """The train.py config a Stage I checkpoint was trained with (a dict; {} when it records none)."""
+    from emo import read_json
+    info = read_json(stage1_directory(stage1_dir) / "model.json")
+    config = info.get("config") if isinstance(info, dict) else None
+    return config if isinstance(config, dict) else {}
+
+
 def load_encoder(stage1_dir, device=None):
     """The Stage I EmotionClassifier of a run's best/ or last/ directory (or the run directory,
     which means its best/, else last/), in eval mode on `device`.
@@ -679,13 +699,7 @@ def load_encoder(stage1_dir, device=None):
     """
     from emo import load_checkpoint, model_source, read_json
     from models import EmotionClassifier, LinearHead, MoEHead, ViT, ViTConfig, load_weights
-    directory = Path(stage1_dir)
-    if not (directory / "model.json").is_file():
-        found = [directory / sub for sub in ("best", "last") if (directory / sub / "model.json").is_file()]
-        if not found:
-            raise EmoError(f"{stage1_dir} is not a Stage I checkpoint: no model.json in it or in its best/ or last/; "
-                           "pass the --out directory of train.py --stage 1 (or its best/)")
-        directory = found[0]
+    directory = stage1_directory(stage1_dir)
     state, info = load_checkpoint(directory)
     config = info.get("config") if isinstance(info, dict) else None
     if not isinstance(config, dict) or not config.get("backbone"):

@@ -12,6 +12,7 @@ format in which you can bring your own detector's boxes too (data.read_boxes).
 """
 import json
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -21,7 +22,7 @@ import torch
 
 import data
 import train
-from emo import EmoError, macro_f1
+from emo import CLASSES, EmoError, macro_f1, save_json
 from models import ViT, ViTConfig, Wav2Vec2, Wav2Vec2Config, init_random, save_hf_checkpoint
 
 TINY_DINOV2 = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=14, image_size=98)
@@ -51,7 +52,7 @@ class DemoConfig:
     workers: int = 1               # Stage I data-loading processes
 
 
-QUICK = dict(videos=6, frames=150, images=96, stage1_epochs=20, stage2_epochs=15)
+QUICK = dict(videos=6, frames=150, images=64, stage1_epochs=10, stage2_epochs=15)  # --quick, and the test suite
 
 
 def say(text):
@@ -71,7 +72,8 @@ def write_backbones(out, seed):
 
 def run_stage1(cfg, out, dataset, backbone):
     validation = dataset / "annotations" / "EXPR_Recognition_Challenge" / "Validation_Set"
-    argv = ["--stage", "1", "--data", f"plain:{dataset / 'images'}", "--val", f"{dataset / 'cropped_aligned'},{validation}",
+    argv = ["--stage", "1", "--data", f"plain:{dataset / 'images'}",
+            "--val", f"{dataset / 'cropped_aligned'},{validation}",
             "--backbone", str(backbone), "--out", str(out / "stage1"), "--epochs", str(cfg.stage1_epochs),
             "--workers", str(cfg.workers), "--seed", str(cfg.seed), *STAGE1_FLAGS]
     say(f"$ {command('train.py', argv)}")
@@ -80,21 +82,50 @@ def run_stage1(cfg, out, dataset, backbone):
     return best
 
 
-def stage1_image_size():
-    return int(STAGE1_FLAGS[STAGE1_FLAGS.index("--image-size") + 1])
+STAGE2_FLAGS = ["--folds", "2", "--inner-folds", "2", "--hidden", "64", "--batch-size", "256", "--lr", "3e-3", "--min-lr", "1e-4",
+                "--smoothing-windows", "5,11,25,51"]
 
 
-def feature_config():
-    size = stage1_image_size()
-    return data.FeatureConfig(crop_size=size, crop_resize=round(size * 256 / 224))
+def run_stage2(cfg, out, dataset, w2v_dir):
+    """train.py --stage 2 from the raw videos, with the videos' true face boxes instead of a detector."""
+    argv = ["--stage", "2", "--annotations", str(dataset / "annotations"), "--videos", str(dataset / "videos"),
+            "--boxes", str(dataset / "boxes"), "--encoder", str(out / "stage1" / "best"),
+            "--audio-model", str(w2v_dir), "--out", str(out / "stage2"), "--epochs", str(cfg.stage2_epochs),
+            "--seed", str(cfg.seed), *STAGE2_FLAGS]
+    say(f"$ {command('train.py', argv)}")
+    return train.main(argv)
 
 
-def extract(out, dataset, w2v_dir):
-    manifest = json.loads((dataset / "manifest.json").read_text())
-    ids = [i for split in manifest["splits"].values() for i in split]
-    return data.extract_features(ids, data.find_videos(dataset / "videos"), out / "features", out / "stage1",
-                                 str(w2v_dir), None, feature_config(), boxes=dataset / "boxes",
-                                 device="cpu", progress=True)
+def heldout_video(heldout):
+    """The held-out dataset's first single-person video with sound: (video, boxes file, labels)."""
+    manifest = json.loads((heldout / "manifest.json").read_text())
+    record = next(r for r in manifest["videos"] if r["audio"] and r["people"] == 1 and r["container"] == "mp4")
+    split = record["split"]
+    labels = data.read_annotation(heldout / "annotations" / "EXPR_Recognition_Challenge" / split
+                                  / f"{record['video']}.txt")
+    return heldout / record["file"], heldout / "boxes" / f"{record['video']}.json", labels
+
+
+def run_infer(out, video, boxes):
+    import infer
+    argv = [str(video), "--ckpt", str(out / "stage2"), "--out", str(out / "predictions"), "--boxes", str(boxes),
+            "--device", "cpu"]
+    say(f"$ {command('infer.py', argv)}")
+    infer.main(argv)
+    rows = (out / "predictions" / f"{video.stem}.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    label = header.index("label")
+    names = list(CLASSES)
+    return torch.tensor([names.index(r.split(",")[label]) for r in rows[1:]])
+
+
+def ablation_table(report):
+    """The ablation as a text table: mode x (raw, smoothed), mean +/- std over the folds."""
+    lines = [f"{'Macro-F1':<10}{'raw':>18}{'smoothed':>18}"]
+    for mode, scores in report["ablation"].items():
+        cells = [f"{scores[k]['mean']:.3f} +/- {scores[k]['std']:.3f}" for k in ("raw", "smoothed")]
+        lines.append(f"{mode:<10}{cells[0]:>18}{cells[1]:>18}")
+    return "\n".join(lines)
 
 
 def prepare(out, overwrite):
@@ -104,8 +135,7 @@ def prepare(out, overwrite):
         if not (out / "demo.json").is_file():
             raise EmoError(f"{out} holds no earlier demo (no demo.json), so --overwrite will not delete anything "
                            "there; choose another --out")
-        import shutil
-        for name in ("data", "heldout", "backbones", "stage1", "features", "stage2", "predictions", "demo.json"):
+        for name in ("data", "heldout", "backbones", "stage1", "stage2", "predictions", "demo.json"):
             target = out / name
             if target.is_dir():
                 shutil.rmtree(target)
@@ -115,36 +145,68 @@ def prepare(out, overwrite):
 
 
 def run_demo(cfg):
+    """Run every step; returns the summary also written to <out>/demo.json."""
     out = Path(cfg.out)
     prepare(out, cfg.overwrite)
     started = time.perf_counter()
     timings = {}
 
-    def lap(name, since):
-        timings[name] = round(time.perf_counter() - since, 1)
-        return time.perf_counter()
+    def step(name, text):
+        timings[name] = time.perf_counter()
+        say(f"\n== {len(timings)}/5 {text}")
 
-    t = time.perf_counter()
-    say(f"1/6 synthetic dataset -> {out / 'data'}")
+    def done(name):
+        timings[name] = round(time.perf_counter() - timings[name], 1)
+
     dataset, heldout = out / "data", out / "heldout"
+    step("data", f"synthetic dataset -> {dataset}, held-out videos -> {heldout}")
     data.synthesize(data.SynthConfig(out=str(dataset), seed=cfg.seed, videos=cfg.videos, frames=cfg.frames,
                                      images=cfg.images))
     data.synthesize(data.SynthConfig(out=str(heldout), seed=cfg.seed + 1000, videos=4, frames=cfg.frames, images=0))
-    t = lap("data", t)
+    done("data")
 
-    say(f"2/6 tiny random backbones (Hugging Face format) -> {out / 'backbones'}")
+    step("backbones", f"tiny random DINOv2 and wav2vec 2.0, Hugging Face format -> {out / 'backbones'}")
     vit_dir, w2v_dir = write_backbones(out, cfg.seed)
-    t = lap("backbones", t)
+    done("backbones")
 
-    say(f"3/6 Stage I -> {out / 'stage1'}")
+    step("stage1", f"Stage I: the image encoder -> {out / 'stage1'}")
     best = run_stage1(cfg, out, dataset, vit_dir)
-    t = lap("stage1", t)
+    done("stage1")
 
-    say(f"4/6 Stage II features (the videos' true face boxes) -> {out / 'features'}")
-    extract(out, dataset, w2v_dir)
-    t = lap("features", t)
+    step("stage2", f"Stage II: features (true face boxes), gated fusion, {cfg.folds}-fold CV -> {out / 'stage2'}")
+    run_stage2(cfg, out, dataset, w2v_dir)
+    report = json.loads((out / "stage2" / "report.json").read_text())
+    done("stage2")
 
-    summary = {"config": asdict(cfg), "stage1": {"epoch": best["epoch"], "macro_f1": best["metrics"]["macro_f1"]},
-               "timings_s": timings}
+    step("infer", f"infer.py on a held-out video -> {out / 'predictions'}")
+    video, boxes, labels = heldout_video(heldout)
+    predicted = run_infer(out, video, boxes)
+    heldout_f1 = macro_f1(labels.numpy(), predicted.numpy())
+    done("infer")
     timings["total"] = round(time.perf_counter() - started, 1)
+
+    summary = {"config": asdict(cfg), "timings_s": timings,
+               "stage1": {"epoch": best["epoch"], "validation_macro_f1": round(best["metrics"]["macro_f1"], 4)},
+               "stage2": report["ablation"], "heldout": {"video": str(video), "macro_f1": round(heldout_f1, 4)}}
+    save_json(out / "demo.json", summary)
+    say("\n== results")
+    say(f"Stage I: validation Macro-F1 {best['metrics']['macro_f1']:.3f} (epoch {best['epoch']}), "
+        f"chance {1 / len(CLASSES):.3f}")
+    say(f"Stage II ablation, {cfg.folds}-fold cross-validation by video (the demo's tiny backbones, synthetic data):")
+    say(ablation_table(report))
+    say(f"infer.py on the held-out video {video.name}: Macro-F1 {heldout_f1:.3f} (fused, smoothed)")
+    say(f"outputs: {out}/")
+    for name, what in (("data", "synthetic dataset (videos, annotations, crops, true boxes, images)"),
+                       ("backbones", "tiny random backbones in Hugging Face format"),
+                       ("stage1/best", "Stage I encoder"), ("stage2", "Stage II checkpoint, report.md"),
+                       ("predictions", "infer.py outputs: CSV, ABAW rows, PNG timeline"),
+                       ("demo.json", "this summary")):
+        say(f"  {name:<14}{what}")
+    say(f"time: {timings['total']:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items() if k != "total")
+        + ")")
     return summary
+
+
+def main(out="emo-demo", overwrite=False, quick=False, seed=0):
+    cfg = DemoConfig(out=out, overwrite=overwrite, seed=seed, **(QUICK if quick else {}))
+    return run_demo(cfg)

@@ -113,8 +113,9 @@ class Predictor:
     @classmethod
     def load(cls, ckpt_dir, device=None, detector=None, stride=1, batch_size=None):
         """Load a `train.py --stage 2` directory. detector: a hub id, directory or weights file (or a
-        loaded RetinaFace) instead of the one the checkpoint names. stride: encode every stride-th
-        face frame and interpolate the rest. batch_size: frames per batch (speed and memory only)."""
+        loaded RetinaFace) instead of the one the checkpoint names, or "none" when every video comes with
+        its own face boxes. stride: encode every stride-th face frame and interpolate the rest.
+        batch_size: frames per batch (speed and memory only)."""
         device = resolve_device(device)
         info = read_stage2_info(ckpt_dir)
         feature_cfg = feature_config(info, ckpt_dir, stride, batch_size)
@@ -131,26 +132,33 @@ class Predictor:
         if info.get("audio_model"):
             w2v = models.Wav2Vec2.from_pretrained(_resolve(info["audio_model"], ckpt_dir),
                                                   info.get("audio_revision")).to(device).eval()
-        if not isinstance(detector, torch.nn.Module):
+        if detector == "none":
+            detector = None
+        elif not isinstance(detector, torch.nn.Module):
             source = detector or info.get("detector") or DEFAULT_DETECTOR
             detector = models.RetinaFace.from_pretrained(_resolve(source, ckpt_dir))
-        detector = detector.to(device).eval()
+        if detector is not None:
+            detector = detector.to(device).eval()
         check_dimensions(info, encoder, w2v, ckpt_dir)
         return cls(ensemble.to(device).eval(), encoder, w2v, detector, info, feature_cfg, device)
 
-    def features(self, video, people=("largest",), progress=False):
+    def features(self, video, people=("largest",), progress=False, boxes=None):
         """[(person, FrameFeatures)] for each of `people` (largest, left, right) in a video: one decoding
-        and detection pass for all of them where data.people_features exists."""
-        kwargs = dict(cfg=self.feature_cfg, device=self.device, progress=progress)
+        and detection pass for all of them. boxes: the faces' own boxes instead of the detector (a boxes
+        JSON file or {person: (N, 4)}, see data.read_boxes)."""
+        if boxes is None and self.detector is None:
+            raise EmoError(f"{video}: no face detector was loaded and no boxes were given for it; pass --boxes "
+                           "or leave out --detector none")
+        kwargs = dict(cfg=self.feature_cfg, device=self.device, progress=progress, boxes=boxes)
         audio_dim = (self.info.get("fusion") or {}).get("audio_dim")
         if audio_dim:
             kwargs["audio_dim"] = audio_dim  # the zeros of a checkpoint without an audio model
         found = data.people_features(video, self.encoder, self.w2v, self.detector, tuple(people), **kwargs)
         return [(person, found[person]) for person in people]
 
-    def predict(self, video, person="largest", fail_without_face=False, progress=False):
+    def predict(self, video, person="largest", fail_without_face=False, progress=False, boxes=None):
         """predict_video(video, self, ...): a list of VideoPrediction."""
-        return predict_video(video, self, person, fail_without_face, progress)
+        return predict_video(video, self, person, fail_without_face, progress, boxes=boxes)
 
     @torch.inference_mode()
     def logits(self, features):
@@ -309,20 +317,22 @@ def people(stem, person, found):
     return [(prediction_id(stem, rule), rule, features) for rule, features in found]
 
 
-def predict_video(video, predictor, person="largest", fail_without_face=False, progress=False, warn=None):
+def predict_video(video, predictor, person="largest", fail_without_face=False, progress=False, warn=None,
+                  boxes=None):
     """Predictions for the chosen person(s) in one video: a list of VideoPrediction.
 
     person: largest (one prediction, id `<stem>`), left / right (`<stem>_left` / `<stem>_right`), or
     all: left and right (`<stem>_left`, `<stem>_right`), collapsing to one prediction `<stem>` when the
     video shows only one face track (or none). A video with no face anywhere gets audio-only
     predictions, flagged with audio_only and face=0 (EmoError instead with fail_without_face, or when it
-    has no sound either). warn(text) receives the warnings (default: printed to stderr).
+    has no sound either). warn(text) receives the warnings (default: printed to stderr). boxes: the
+    faces' own boxes instead of the detector's (a boxes JSON file or {person: (N, 4)}, see data.read_boxes).
     """
     warn = warn or (lambda text: tqdm.write(f"warning: {text}", file=sys.stderr))
     info = data.probe(video)
     rules = person_rules(person)
     predictions = []
-    for id, rule, features in people(Path(video).stem, person, predictor.features(video, rules, progress)):
+    for id, rule, features in people(Path(video).stem, person, predictor.features(video, rules, progress, boxes)):
         face = torch.as_tensor(features.face)
         if len(face) == 0:
             raise EmoError(f"{video} has no decodable video frames; re-encode it")
@@ -617,7 +627,29 @@ def parser():
                    help="stop with an error on a video without any face, instead of writing audio-only predictions")
     p.add_argument("--detector", metavar="ID_OR_PATH",
                    help="RetinaFace weights (hub id, folder or file) instead of those the checkpoint names")
+    p.add_argument("--boxes", metavar="FILE_OR_DIR",
+                   help="your own detector's face boxes instead of RetinaFace: a JSON file (one video) or a folder "
+                        "of <video stem>.json, each {\"boxes\": {person: [[x1, y1, x2, y2] or null, ...]}} with one "
+                        "entry per frame, person largest, left or right (or <stem>, <stem>_left, <stem>_right)")
     return p
+
+
+def boxes_for_video(boxes, video, videos):
+    """The boxes file of one input video for --boxes: the file itself (one video only), or <dir>/<stem>.json."""
+    if boxes is None:
+        return None
+    path = Path(boxes)
+    if path.is_dir():
+        file = path / f"{Path(video).stem}.json"
+        if not file.is_file():
+            raise EmoError(f"--boxes {path} has no {file.name} for {video}; write one boxes file per video")
+        return file
+    if not path.is_file():
+        raise EmoError(f"--boxes {path} does not exist")
+    if len(videos) > 1:
+        raise EmoError(f"--boxes {path} is one file but there are {len(videos)} videos; pass a folder of "
+                       "<video stem>.json files instead")
+    return path
 
 
 def main(argv=None):
@@ -628,13 +660,16 @@ def main(argv=None):
     videos = find_inputs(args.inputs)
     for video in videos:  # every input checked before any work: missing, unreadable, no video stream
         data.probe(video)
-    predictor = Predictor.load(args.ckpt, args.device, args.detector, args.stride, args.batch_size)
+        boxes_for_video(args.boxes, video, videos)
+    detector = "none" if args.boxes and not args.detector else args.detector
+    predictor = Predictor.load(args.ckpt, args.device, detector, args.stride, args.batch_size)
     created = not out.exists()
     try:
         frames = 0
         for number, video in enumerate(videos, 1):
             start = time.perf_counter()
-            predictions = predict_video(video, predictor, args.person, args.fail_without_face, progress=True)
+            predictions = predict_video(video, predictor, args.person, args.fail_without_face, progress=True,
+                                        boxes=boxes_for_video(args.boxes, video, videos))
             written = write_outputs(out, predictions, args.video_out, args.batch_size or 32)
             seconds = time.perf_counter() - start
             frames += len(predictions[0])

@@ -360,6 +360,7 @@ class Stage2Config:
     audio_model: str = "facebook/wav2vec2-large-960h-lv60-self"
     audio_revision: str = "refs/pr/5"
     detector: str = "py-feat/retinaface"  # RetinaFace weights: hub id, folder or file
+    boxes: str = ""                # or your own detector's face boxes: a folder of <video>.json (data.read_boxes)
     stride: int = 1                # encode every stride-th face frame, interpolate the others
     folds: int = 0                 # K >= 2: cross-validation on Train + Validation; 0: Train -> Validation
     mode: str = "fused"            # the mode of the saved fold models
@@ -478,16 +479,20 @@ def extract_stage2_features(cfg, ids):
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     detector = None
-    if not cfg.cropped_aligned:
+    if not cfg.cropped_aligned and not cfg.boxes:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         detector = RetinaFace.from_pretrained(cfg.detector).to(device)
+    # faces are encoded at the size the encoder was trained at (the recipe's 224, resized from 256)
+    size = int(data.stage1_config(cfg.encoder).get("image_size", 224))
+    feature_cfg = data.FeatureConfig(stride=cfg.stride, crop_size=size, crop_resize=round(size * 256 / 224))
     annotation_dirs = [annotation_root(cfg.annotations) / split for split in ("Train_Set", "Validation_Set")]
     for annotation_dir in annotation_dirs:  # the aligned-crop variant reads the frame count from the annotation
         split_ids = [i for i in ids if (annotation_dir / f"{i}.txt").is_file()]
         data.extract_features(split_ids, videos if videos is not None else None, cfg.features, cfg.encoder,
                               cfg.audio_model if cfg.audio_model != "none" else None, detector,
-                              data.FeatureConfig(stride=cfg.stride), audio_revision=cfg.audio_revision,
-                              cropped_aligned=cfg.cropped_aligned or None, annotation_dir=annotation_dir)
+                              feature_cfg, audio_revision=cfg.audio_revision,
+                              cropped_aligned=cfg.cropped_aligned or None, annotation_dir=annotation_dir,
+                              boxes=cfg.boxes or None)
     if world > 1:
         dist.barrier()  # every rank's share is written before rank 0 reads them all
 
@@ -803,7 +808,8 @@ def train_stage2(cfg):
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text(report_markdown(cfg, results, ablation, (kind, window)))
     info = {"format": STAGE2_FORMAT, "encoder": str(Path(cfg.encoder).resolve()) if cfg.encoder else None,
-            "audio_model": cfg.audio_model, "audio_revision": cfg.audio_revision, "detector": cfg.detector,
+            "audio_model": cfg.audio_model, "audio_revision": cfg.audio_revision,
+            "detector": None if cfg.boxes else cfg.detector,
             "features": feature_settings(next(iter(paths.values()))), "mode": cfg.mode,
             "smoothing": {"kind": kind, "window": window}, "folds": cfg.folds, "fold_files": saved,
             "fusion": fusion_kwargs(cfg, rows, cfg.mode),
