@@ -2,6 +2,7 @@
 
     python infer.py video.mp4                     # checkpoint runs/stage2, results in outputs/
     python infer.py videos/ more.avi --ckpt runs/stage2 --out outputs/ --person all --video-out
+    python infer.py clip.mp4 --boxes clip.json    # your own detector's face boxes instead of RetinaFace
 
 Per video: decode, detect and track the face, crop it at several scales, encode the crops with the
 Stage I encoder, compute frame-aligned wav2vec 2.0 audio features, fuse them with the Stage II fold

@@ -522,6 +522,29 @@ def test_the_command_line_end_to_end(checkpoint, videos, tmp_path, capsys):
     assert data.probe(out / "pair.mp4").frames == N
 
 
+def test_your_own_boxes_instead_of_the_detector(checkpoint, predictor, videos, tmp_path, capsys):
+    """--boxes: a boxes file (or a folder of them) replaces the detector, which is then not even loaded."""
+    left, right = infer.predict_video(videos["pair"], predictor, person="all")
+    boxes = tmp_path / "boxes"
+    boxes.mkdir()
+    rows = lambda b: [None if np.isnan(r).any() else r.tolist() for r in b]  # noqa: E731
+    (boxes / "pair.json").write_text(json.dumps({"boxes": {"pair_left": rows(left.boxes),
+                                                           "pair_right": rows(right.boxes)}}))
+    out = tmp_path / "out"
+    status, err = run_cli([videos["pair"], "--ckpt", checkpoint, "--out", out, "--person", "all", "--device", "cpu",
+                           "--boxes", boxes / "pair.json"], capsys)
+    assert status == 0, err
+    for expected in (left, right):
+        got = np.array([[float(v) for v in r[3:11]] for r in check_csv(out / f"{expected.id}.csv", N)])
+        assert np.abs(got - expected.probabilities).max() < 1e-4
+    status, err = run_cli([videos["pair"], videos["sound"], "--ckpt", checkpoint, "--out", out, "--device", "cpu",
+                           "--boxes", boxes], capsys)
+    assert status == 2 and "has no sound.json" in one_error_line(err)
+    status, err = run_cli([videos["pair"], videos["sound"], "--ckpt", checkpoint, "--out", out, "--device", "cpu",
+                           "--boxes", boxes / "pair.json"], capsys)
+    assert status == 2 and "pass a folder" in one_error_line(err)
+
+
 def test_checkpoints_that_do_not_fit(tmp_path, videos, capsys):
     misfit = tiny_stage2(tmp_path / "misfit", visual_dim=32)  # fusion for 32-d features, encoder gives 64-d
     status, err = run_cli([videos["sound"], "--ckpt", misfit, "--out", tmp_path / "out"], capsys)
