@@ -233,17 +233,25 @@ def load_run_state(directory, model, optimizer):
 # -------------------------------------------------------------------------------- training
 
 @torch.inference_mode()
-def evaluate(model, loader, device, amp):
+def evaluate(model, loader, device, amp, world=1):
+    """Validation Macro-F1 and per-class F1. Under DDP each process predicts its share of the set
+    (every world-th image) and the shares are gathered."""
     model.eval()
     predictions, labels = [], []
     for images, targets in loader:
         with torch.autocast(device.type, torch.bfloat16, enabled=amp):
             predictions.append(model(images.to(device, non_blocking=True)).argmax(-1).cpu())
         labels.append(targets)
-    labels, predictions = torch.cat(labels), torch.cat(predictions)
+    labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+    predictions = torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
+    if world > 1:
+        shares = [None] * world
+        dist.all_gather_object(shares, (labels, predictions))
+        labels, predictions = torch.cat([s[0] for s in shares]), torch.cat([s[1] for s in shares])
     per_class = f1_per_class(confusion_matrix(labels, predictions))
     model.train()
-    return {"macro_f1": macro_f1(labels, predictions), "f1": dict(zip(CLASSES, per_class.round(4).tolist()))}
+    return {"macro_f1": macro_f1(labels, predictions), "f1": dict(zip(CLASSES, per_class.round(4).tolist())),
+            "images": len(labels)}
 
 
 def train_stage1(cfg, resume=False):
@@ -288,7 +296,8 @@ def train_stage1(cfg, resume=False):
     step = position["step"]
     trained = DistributedDataParallel(model, device_ids=[device.index] if amp else None) if world > 1 else model
     forward = torch.compile(trained) if cfg.compile else trained
-    val_loader = make_loader(val_set, micro_batch, train=False, workers=cfg.workers) if val_set and rank == 0 else None
+    val_share = torch.utils.data.Subset(val_set, range(rank, len(val_set), world)) if val_set else None
+    val_loader = make_loader(val_share, micro_batch, train=False, workers=cfg.workers) if val_set else None
     seeded = SeededSamples(train_set, cfg.seed)
     log = open(out / "log.jsonl", "a") if rank == 0 else None
     model.train()
@@ -326,7 +335,7 @@ def train_stage1(cfg, resume=False):
                 bar.set_postfix(loss=f"{loss.item() * cfg.accumulate:.3f}", img_s=f"{images_per_second:.0f}")
             if rank == 0 and step % cfg.save_every == 0 and step % steps_per_epoch:
                 save_run_state(out / "last", model, optimizer, {**position, "epoch": epoch, "step": step}, cfg)
-        metrics = evaluate(model, val_loader, device, amp) if val_loader is not None else None
+        metrics = evaluate(model, val_loader, device, amp, world) if val_loader is not None else None
         if rank == 0:
             position = {**position, "epoch": epoch + 1, "step": step}
             if metrics:

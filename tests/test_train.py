@@ -84,6 +84,12 @@ def test_two_process_torchrun_on_cpu(setup, tmp_path):
     position = json.loads((tmp_path / "ddp" / "last" / "model.json").read_text())
     assert position["epoch"] == 1 and position["step"] == 192 // 16
     assert (tmp_path / "ddp" / "best" / "model.safetensors").exists()
+    # each process validated every other image; together they saw the whole validation set once
+    best = json.loads((tmp_path / "ddp" / "best" / "model.json").read_text())
+    root = setup[0] / "synth"
+    expected = len(data.AffWild2Frames(root / "cropped_aligned", root / "annotations/EXPR_Recognition_Challenge/"
+                                       "Validation_Set", frames_per_video=50))
+    assert best["metrics"]["images"] == expected
 
 
 def test_tiny_run_learns_the_synthetic_faces(tmp_path):
