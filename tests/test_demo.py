@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 import data
-import demo
-from models import ViT, Wav2Vec2
+import emo
+from models import ViT, ViTConfig, Wav2Vec2, Wav2Vec2Config
 
 ROOT = Path(__file__).resolve().parents[1]
 # transformers made unimportable: the demo needs only emo's run-time dependencies
@@ -36,8 +36,8 @@ def test_quick_demo_runs_and_fusion_beats_the_face_alone(tmp_path):
     assert 0 <= summary["heldout"]["macro_f1"] <= 1
 
     # the backbones are Hugging Face checkpoints that emo's loaders read back
-    assert ViT.from_pretrained(out / "backbones" / "dinov2-tiny").cfg == demo.TINY_DINOV2
-    assert Wav2Vec2.from_pretrained(out / "backbones" / "wav2vec2-tiny").cfg == demo.TINY_WAV2VEC2
+    assert ViT.from_pretrained(out / "backbones" / "dinov2-tiny").cfg == ViTConfig(**emo.TINY_DINOV2)
+    assert Wav2Vec2.from_pretrained(out / "backbones" / "wav2vec2-tiny").cfg == Wav2Vec2Config(**emo.TINY_WAV2VEC2)
 
     again = subprocess.run([sys.executable, "-c", RUN_DEMO, "demo", "--out", str(out), "--quick"], cwd=ROOT,
                            env=env, capture_output=True, text=True, timeout=60)

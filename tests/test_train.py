@@ -95,8 +95,8 @@ def test_two_process_torchrun_on_cpu(setup, tmp_path):
 def test_tiny_run_learns_the_synthetic_faces(tmp_path):
     """A from-scratch tiny DINOv2 learns the synthetic expressions, judged on images of another seed.
 
-    The setting is the demo's (demo.STAGE1_FLAGS): the recipe's is for fine-tuning a pretrained ViT-L."""
-    import demo
+    The setting is the demo's (emo.STAGE1_FLAGS): the recipe's is for fine-tuning a pretrained ViT-L."""
+    import emo
     small = dict(videos=4, frames=40, width=64, height=64)
     data.synthesize(data.SynthConfig(out=str(tmp_path / "train"), seed=0, images=128, **small))
     data.synthesize(data.SynthConfig(out=str(tmp_path / "val"), seed=1, images=32, **small))
@@ -107,7 +107,7 @@ def test_tiny_run_learns_the_synthetic_faces(tmp_path):
         started = time.perf_counter()
         train.main(["--stage", "1", "--data", f"plain:{tmp_path / 'train/images'}",
                     "--val", f"plain:{tmp_path / 'val/images'}", "--backbone", str(backbone),
-                    "--out", str(tmp_path / "run"), "--epochs", "20", "--workers", "1", *demo.STAGE1_FLAGS])
+                    "--out", str(tmp_path / "run"), "--epochs", "20", "--workers", "1", *emo.STAGE1_FLAGS])
         seconds = time.perf_counter() - started
     finally:
         torch.set_num_threads(threads)
