@@ -1024,19 +1024,24 @@ def _warn_unreadable(path, error):
     tqdm.write(f"warning: feature file {path} is unreadable ({reason}); extracting again", file=sys.stderr)
 
 
+def _feature_key(file):
+    """The key text of an open feature file (safetensors checks the header against the file's length)."""
+    metadata = file.metadata() or {}
+    if metadata.get("format") != FEATURES_FORMAT or "key" not in metadata:
+        raise ValueError(f"not an {FEATURES_FORMAT} file")
+    return metadata["key"]
+
+
 def stored_key(path):
     """The key JSON a feature file was written with; None when missing, or (with a warning on stderr) damaged.
-    Reads only the header, which safetensors checks against the file's length."""
+    Reads only the header."""
     from safetensors import safe_open
     path = Path(path)
     if not path.exists():
         return None
     try:
         with safe_open(str(path), "pt") as f:
-            metadata = f.metadata() or {}
-            if metadata.get("format") != FEATURES_FORMAT or "key" not in metadata:
-                raise ValueError(f"not an {FEATURES_FORMAT} file")
-            return metadata["key"]
+            return _feature_key(f)
     except Exception as e:  # damaged or foreign file: say so; the caller rebuilds it
         _warn_unreadable(path, e)
         return None
@@ -1051,10 +1056,8 @@ def load_features(path, key=None):
         return None
     try:
         with safe_open(str(path), "pt") as f:
-            metadata = f.metadata() or {}
-            if metadata.get("format") != FEATURES_FORMAT or "key" not in metadata:
-                raise ValueError(f"not an {FEATURES_FORMAT} file")
-            if key is not None and metadata["key"] != _key_text(key):
+            written_for = _feature_key(f)
+            if key is not None and written_for != _key_text(key):
                 return None
             tensors = {name: f.get_tensor(name) for name in f.keys()}
         features = FrameFeatures(visual=tensors["visual"].float(), audio=tensors["audio"].float(),
