@@ -40,7 +40,7 @@ import models
 from emo import CLASSES, EmoError, atomic_path, read_json, run
 
 STAGE2_FORMAT = models.STAGE2_FORMAT
-DEFAULT_DETECTOR = "py-feat/retinaface_r34"  # used when the checkpoint names none (trained on cropped_aligned)
+DEFAULT_DETECTOR = "py-feat/retinaface"  # MobileNet-0.25, used when the checkpoint names no detector
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts")
 PERSONS = ("largest", "left", "right", "all")
 ABAW_SUBMISSION_HEADER = "image_location," + ",".join(CLASSES)
