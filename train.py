@@ -1,12 +1,13 @@
-"""Training. Stage I: fine-tune DINOv2 with PadAug and the MoE head on face images; Stage II: gated fusion.
+r"""Training. Stage I: fine-tune DINOv2 with PadAug and the MoE head on face images; Stage II: gated fusion.
 
     python train.py --stage 1 --data affectnet:/data/AffectNet/train_set --data rafdb:/data/RAF-DB \
         --val /data/Aff-Wild2/cropped_aligned,/data/Aff-Wild2/annotations/EXPR_Recognition_Challenge/Validation_Set
     torchrun --nproc_per_node 8 train.py --stage 1 ...      # DDP: NCCL on GPUs, gloo on CPU
     python train.py --stage 1 ... --resume                  # continue the run in --out exactly
 
-    python train.py --stage 2 --features FEATURES --annotations .../EXPR_Recognition_Challenge \
-        --encoder runs/stage1/best --folds 5 --out runs/stage2   # (--folds 0: Train -> Validation)
+    python train.py --stage 2 --folds 5 --annotations /data/Aff-Wild2/annotations --videos /data/Aff-Wild2/videos \
+        --encoder runs/stage1/best --out runs/stage2           # no --folds: Train -> Validation
+    torchrun --nproc_per_node 8 train.py --stage 2 ...      # the feature extraction shared by 8 processes
 
 Every default is the recipe's (RECIPE.md, Stage I / Stage II). A Stage I run directory holds `last/` (weights,
 optimizer, position; written every --save-every steps and each epoch, atomically), `best/` (the
