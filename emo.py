@@ -229,6 +229,20 @@ def _hub_fetcher(repo_id, revision):
     return fetch
 
 
+def resolve_device(device=None):
+    """A torch.device from a --device value: None or "auto" is cuda when there is one, else cpu."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        reason = str(e).strip().splitlines()[0]
+        raise EmoError(f"unknown device {device!r} ({reason}); use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EmoError(f"--device {device} but no CUDA device is available; use --device cpu")
+    return device
+
+
 # ------------------------------------------------------------------------------------ the demo
 # The whole workflow on a synthetic dataset, offline: synthesize, tiny random backbones written in
 # Hugging Face format, train.py --stage 1, train.py --stage 2 (2 folds, from the raw videos with
@@ -462,7 +476,8 @@ def main(argv=None):
     bench.add_argument("--repeats", type=int, default=3, help="timed runs per model (best is kept)")
     bench.add_argument("--compile", action="store_true", help="also time emo under torch.compile")
     bench.add_argument("--small", action="store_true", help="tiny configs, to check the script quickly")
-    demo_command = commands.add_parser("demo", help="run the whole workflow on a synthetic dataset, offline (minutes on a CPU)",
+    demo_command = commands.add_parser("demo",
+                                       help="run the whole workflow on a synthetic dataset, offline (minutes on a CPU)",
                                description="Generate a synthetic dataset, write tiny random backbones in Hugging Face "
                                "format, train Stage I and Stage II (2 folds) through the same code as real runs, "
                                "predict a held-out video with infer.py, and print the ablation table.")

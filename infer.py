@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 import data
 import models
-from emo import CLASSES, EmoError, atomic_path, read_json, run
+from emo import CLASSES, EmoError, atomic_path, read_json, resolve_device, run
 
 STAGE2_FORMAT = models.STAGE2_FORMAT
 DEFAULT_DETECTOR = "py-feat/retinaface"  # MobileNet-0.25, used when the checkpoint names no detector
@@ -172,7 +172,7 @@ class Predictor:
         if len(face) and not face.any() and self.mode != "audio":
             model, visual = self.audio_only_ensemble(), torch.zeros_like(visual)
         raw = model(visual, audio).float()
-        return smooth(raw, self.smoothing).cpu()
+        return models.smooth_logits(raw, self.smoothing["kind"], int(self.smoothing["window"])).cpu()
 
     def audio_only_ensemble(self):
         """The ensemble with each fold's visual input pinned to its training mean.
@@ -198,25 +198,6 @@ class Predictor:
                                "so no audio-only prediction is possible")
             self._audio_only = model.eval()
         return self._audio_only
-
-
-def smooth(logits, smoothing):
-    kind, window = smoothing.get("kind", "none"), int(smoothing.get("window", 1) or 1)
-    if kind in (None, "none") or window <= 1 or len(logits) == 0:
-        return logits
-    return models.smooth_logits(logits, kind=kind, window=window)
-
-
-def resolve_device(device):
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise EmoError(f"unknown device {device!r} ({_first_line(e)}); use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EmoError(f"--device {device} but no CUDA device is available; use --device cpu")
-    return device
 
 
 def read_stage2_info(ckpt_dir):

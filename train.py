@@ -39,7 +39,7 @@ import data
 from data import (AffWild2Frames, ImageFolderDataset, check_classes, eval_transform, make_loader, read_annotation,
                   train_transform)
 from emo import (CLASSES, EmoError, atomic_path, confusion_matrix, f1_per_class, load_checkpoint, macro_f1,
-                 run, save_checkpoint, save_json)
+                 resolve_device, run, save_checkpoint, save_json)
 from models import (FUSION_MODES, SMOOTHING_KINDS, STAGE2_FORMAT, EmotionClassifier, GatedFusion, LinearHead,
                     MoEHead, RetinaFace, ViT, smooth_logits)
 
@@ -178,6 +178,13 @@ def set_learning_rates(optimizer, step, total_steps, min_lr):
         group["lr"] = min_lr + (group["base_lr"] - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def inverse_frequency_weights(labels):
+    """Per-class loss weights 1 / count, normalised to mean 1 over the classes present (0 for absent ones)."""
+    counts = torch.bincount(labels, minlength=len(CLASSES)).float()
+    inverse = torch.where(counts > 0, 1 / counts.clamp(min=1), torch.zeros_like(counts))
+    return inverse / inverse[counts > 0].mean()
+
+
 def soft_cross_entropy(logits, targets, class_weights):
     return -(targets * class_weights * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
 
@@ -274,8 +281,7 @@ def train_stage1(cfg, resume=False):
     train_set, labels, val_set = load_sets(cfg)
     fingerprint = {"train": [part.fingerprint() for part in train_set.datasets],
                    "val": val_set.fingerprint() if val_set else None}
-    counts = torch.bincount(labels, minlength=len(CLASSES)).float()
-    class_weights = ((1 / counts) / (1 / counts).mean()).to(device)
+    class_weights = inverse_frequency_weights(labels).to(device)
     model = build_model(cfg).to(device)
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg), fused=device.type == "cuda")
     steps_per_epoch = len(train_set) // cfg.batch_size
@@ -520,14 +526,9 @@ def read_features(path):
 
 
 def feature_settings(path):
-    """The feature configuration recorded in a feature file's metadata (for stage2.json), or {}."""
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), "pt") as f:
-            key = json.loads((f.metadata() or {}).get("key", "{}"))
-    except Exception:
-        return {}
-    return key.get("cfg", key.get("features", {})) if isinstance(key, dict) else {}
+    """The feature settings a feature file was extracted with (for stage2.json), or {}."""
+    key = json.loads(data.stored_key(path) or "{}")
+    return key.get("features", {}) if isinstance(key, dict) else {}
 
 
 @dataclass
@@ -616,10 +617,6 @@ def assign_folds(labels, k, seed=0, class_weight=1.0):
 
 # ------------------------------------------------------------------------------- training
 
-def resolve_device(name):
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def fusion_kwargs(cfg, rows, mode):
     return {"visual_dim": rows.visual.shape[1], "audio_dim": rows.audio.shape[1], "hidden": cfg.hidden,
             "num_classes": len(CLASSES), "mode": mode, "visual_dropout": cfg.visual_dropout,
@@ -659,11 +656,7 @@ def fit_fusion(rows, train_index, kwargs, cfg, device, seed, stop_after=None, on
         model.set_normalization(visual, audio, index=train_index)
     model.to(device)
     labels = rows.labels[train_index].to(device)
-    counts = torch.bincount(labels, minlength=len(CLASSES)).float()
-    weights = None
-    if cfg.class_weights == "inverse":
-        inverse = torch.where(counts > 0, 1 / counts.clamp(min=1), torch.zeros_like(counts))
-        weights = inverse / inverse[counts > 0].mean()
+    weights = inverse_frequency_weights(labels) if cfg.class_weights == "inverse" else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
     for group in optimizer.param_groups:

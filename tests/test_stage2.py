@@ -58,7 +58,8 @@ def make_features(root, videos=15, seed=0, pair_every=4, noise=2.0, dim=16):
             labels[gap:gap + 8] = -1
             data.write_annotation(annotations / split / f"{name}.txt", labels)
             rows = data.FrameFeatures(visual=torch.tensor(visual), audio=torch.tensor(audio),
-                                      face=torch.ones(n, dtype=torch.bool), audio_present=torch.ones(n, dtype=torch.bool),
+                                      face=torch.ones(n, dtype=torch.bool),
+                                      audio_present=torch.ones(n, dtype=torch.bool),
                                       times=(torch.arange(n, dtype=torch.float64) + 0.5) / 25,
                                       boxes=torch.full((n, 4), float("nan")))
             data.save_features(features / f"{name}.features.safetensors", rows, {"test": seed})
