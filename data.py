@@ -55,6 +55,7 @@ class VideoInfo:
     height: int
     rotation: int          # degrees counter-clockwise to display the coded picture: 0, 90, 180, 270
     has_audio: bool
+    start: float = 0.0     # presentation time of the first frame, seconds (the file's clock, as frames' times)
 
 
 def _open(path):
@@ -116,10 +117,11 @@ def probe(path):
         if first is None:
             raise EmoError(f"{path} has a video stream without any decodable frame; re-encode it")
         rotation = _rotation(first, stream)
+        start = float(first.time) if first.time is not None else 0.0
         width, height = (first.height, first.width) if rotation in (90, 270) else (first.width, first.height)
         return VideoInfo(path=str(path), fps=fps, frames=frames, frames_exact=frames_exact,
                          duration=duration, width=width, height=height, rotation=rotation,
-                         has_audio=bool(container.streams.audio))
+                         has_audio=bool(container.streams.audio), start=start)
     except av.FFmpegError as e:
         raise EmoError(f"{path} cannot be decoded ({_reason(e)}); the file may be damaged, "
                        "re-encode or download it again") from None
@@ -143,7 +145,7 @@ def iter_frames(path, batch_size=64):
         fps = float(stream.average_rate or 25)
         size = None
         decoded, times, rotation = [], [], 0
-        for index, frame in enumerate(container.decode(stream)):
+        for index, frame in enumerate(_decode(container, stream, path)):
             if size is None:
                 size, rotation = (frame.width, frame.height), _rotation(frame, stream)
             decoded.append(frame)
@@ -159,6 +161,25 @@ def iter_frames(path, batch_size=64):
                        "re-encode or download it again") from None
     finally:
         container.close()
+
+
+def _decode(container, stream, path):
+    """The frames of a stream, decoded packet by packet: a damaged packet costs only its own frames (one
+    warning at the end says how many packets were lost). Nothing decodable at all: one EmoError line."""
+    damaged, decoded, reason = 0, 0, None
+    for packet in container.demux(stream):
+        try:
+            frames = packet.decode()
+        except av.FFmpegError as e:
+            damaged, reason = damaged + 1, reason or _reason(e)
+            continue
+        decoded += len(frames)
+        yield from frames
+    if damaged and not decoded:
+        raise EmoError(f"{path} cannot be decoded ({reason}); the file may be damaged, "
+                       "re-encode or download it again")
+    if damaged:
+        _warn(f"{path}: {damaged} damaged video packet(s) could not be decoded; their frames are missing")
 
 
 _converters = None
@@ -188,7 +209,7 @@ def frame_presentation_times(path):
         stream = _video_stream(container, path)
         fps = float(stream.average_rate or 25)
         times = [float(frame.time) if frame.time is not None else index / fps
-                 for index, frame in enumerate(container.decode(stream))]
+                 for index, frame in enumerate(_decode(container, stream, path))]
     except av.FFmpegError as e:
         raise EmoError(f"{path} cannot be decoded ({_reason(e)}); the file may be damaged, "
                        "re-encode or download it again") from None
@@ -197,37 +218,93 @@ def frame_presentation_times(path):
     return torch.tensor(times, dtype=torch.float64)
 
 
-def read_audio(path, sample_rate=SAMPLE_RATE):
-    """(wave, has_audio): the first audio track as float32 mono (samples,) at sample_rate.
+class AudioReader:
+    """The first audio track of a file, streamed as one contiguous mono float32 wave at sample_rate.
 
-    Channels are averaged to mono; the track is resampled with torchaudio. A video without an
-    audio track gives an empty wave and has_audio False. The wave starts at the audio stream's
-    first sample; an offset between the audio and video start times is not corrected.
+        reader = AudioReader("clip.mp4")
+        for block in reader:      # numpy float32 pieces, in order; together the whole wave
+            ...
+        reader.start              # seconds on the file's clock of the wave's first sample
+
+    Packets are decoded one at a time, mixed to mono and resampled by FFmpeg's libswresample, and every
+    piece is placed at its own presentation time: an audio stream that starts before or after the video,
+    or has a gap in the middle, keeps its sound where it plays. Gaps become silence in the wave and are
+    listed in `gaps` as (start, end) seconds; overlaps are dropped. A packet that does not decode costs
+    only its own samples (a gap, counted in `lost_seconds`). A file that cannot be opened or demuxed
+    raises one EmoError line. has_audio is False for a file without an audio stream (no blocks).
     """
-    container = _open(path)
-    try:
-        if not container.streams.audio:
-            return torch.zeros(0, dtype=torch.float32), False
-        stream = container.streams.audio[0]
-        to_float = av.AudioResampler(format="fltp")  # planar float whatever the codec's format
-        chunks, source_rate = [], None
-        for frame in container.decode(stream):
-            for converted in to_float.resample(frame):
-                source_rate = source_rate or converted.sample_rate
-                chunks.append(converted.to_ndarray().mean(axis=0, dtype=np.float32))
-        for converted in to_float.resample(None):
-            chunks.append(converted.to_ndarray().mean(axis=0, dtype=np.float32))
-    except av.FFmpegError as e:
-        raise EmoError(f"{path}: the audio track cannot be decoded ({_reason(e)}); "
-                       "re-encode the file or download it again") from None
-    finally:
-        container.close()
-    if not chunks:
-        return torch.zeros(0, dtype=torch.float32), True
-    wave = torch.from_numpy(np.concatenate(chunks))
-    if source_rate != sample_rate:
-        wave = torchaudio.functional.resample(wave, source_rate, sample_rate)
-    return wave.contiguous(), True
+
+    def __init__(self, path, sample_rate=SAMPLE_RATE):
+        self.path, self.sample_rate = Path(path), sample_rate
+        self.start, self.samples, self.gaps, self.lost_seconds = None, 0, [], 0.0
+        self.has_audio = None
+
+    @property
+    def end(self):
+        """Seconds on the file's clock just after the last sample read so far."""
+        return None if self.start is None else self.start + self.samples / self.sample_rate
+
+    def __iter__(self):
+        container = _open(self.path)
+        try:
+            self.has_audio = bool(container.streams.audio)
+            if not self.has_audio:
+                return
+            stream = container.streams.audio[0]
+            mono = av.AudioResampler(format="flt", layout="mono", rate=self.sample_rate)
+            for packet in container.demux(stream):
+                try:
+                    frames = packet.decode()
+                except av.FFmpegError:  # a damaged packet: lose its samples, keep going
+                    if packet.duration and packet.time_base:
+                        self.lost_seconds += float(packet.duration * packet.time_base)
+                    continue
+                for frame in frames:
+                    yield from self._place(mono.resample(frame))
+            yield from self._place(mono.resample(None))
+        except av.FFmpegError as e:
+            raise EmoError(f"{self.path}: the audio track cannot be read ({_reason(e)}); "
+                           "re-encode the file or download it again") from None
+        finally:
+            container.close()
+
+    def _place(self, frames):
+        tolerance = 2  # samples: timestamps are rounded to the stream's time base
+        for frame in frames:
+            piece = frame.to_ndarray().reshape(-1).astype(np.float32, copy=False)
+            if self.start is None:
+                self.start = float(frame.time) if frame.time is not None else 0.0
+            if frame.time is not None:
+                offset = round((float(frame.time) - self.start) * self.sample_rate) - self.samples
+                if offset > tolerance:  # a gap: silence until this piece
+                    self.gaps.append((self.end, self.end + offset / self.sample_rate))
+                    self.samples += offset
+                    yield np.zeros(offset, np.float32)
+                elif offset < -tolerance:  # overlaps what was placed already: keep the first
+                    piece = piece[-offset:]
+            self.samples += len(piece)
+            if len(piece):
+                yield piece
+
+    def covered(self, times):
+        """(N,) bool: which of `times` (seconds, the file's clock) fall on decoded sound."""
+        times = torch.as_tensor(times, dtype=torch.float64)
+        if self.start is None:
+            return torch.zeros(len(times), dtype=torch.bool)
+        inside = (times >= self.start) & (times < self.end)
+        for begin, end in self.gaps:
+            inside &= ~((times >= begin) & (times < end))
+        return inside
+
+
+def read_audio(path, sample_rate=SAMPLE_RATE):
+    """(wave, has_audio): the whole first audio track as float32 mono (samples,) at sample_rate, placed as
+    AudioReader places it (starting at its own first sample; see AudioReader.start). For short files and
+    tests: the pipeline streams the track instead."""
+    reader = AudioReader(path, sample_rate)
+    blocks = list(reader)
+    wave = torch.from_numpy(np.concatenate(blocks)) if blocks else torch.zeros(0, dtype=torch.float32)
+    return wave, bool(reader.has_audio)
 
 
 # --------------------------------------------------------------------------- faces: detection
@@ -469,36 +546,6 @@ def track_video(path, detector, rule="largest", detect_cfg=DetectConfig(), track
 
 # ------------------------------------------------------------------------------- audio features
 
-@torch.inference_mode()
-def audio_step_features(w2v, wave, num_layers=4, chunk_seconds=20.0, context_seconds=2.0):
-    """Features of every 20 ms audio step of a whole track: (steps, dim) float32.
-
-    The waveform is normalised once, then the model runs over chunks of chunk_seconds, each with
-    context_seconds of extra audio on both sides whose steps are dropped, so that chunk borders
-    see the same context as the middle. Each step's feature is the mean of the last num_layers
-    hidden states. Audio that fits in one chunk is a single forward pass.
-    """
-    hop, reach = audio_hop(w2v), audio_receptive_field(w2v)
-    total = int(w2v.num_steps(len(wave)))
-    dim = w2v.cfg.hidden_size
-    if total <= 0:
-        return torch.zeros(0, dim)
-    wave = normalize_waveform(wave.float()[None])[0]
-    device = next(w2v.parameters()).device
-    chunk = max(1, round(chunk_seconds * SAMPLE_RATE / hop))
-    context = math.ceil(context_seconds * SAMPLE_RATE / hop)
-    features = torch.empty(total, dim)
-    for first in range(0, total, chunk):
-        last = min(first + chunk, total)
-        start, stop = max(first - context, 0), min(last + context, total)
-        samples = wave[start * hop: (stop - 1) * hop + reach].to(device)
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            _, hidden_states = w2v(samples[None])
-        mean = torch.stack(hidden_states[-num_layers:]).float().mean(0)[0]
-        features[first:last] = mean[first - start: last - start].cpu()
-    return features
-
-
 def audio_hop(w2v):
     return math.prod(w2v.cfg.conv_stride)
 
@@ -510,48 +557,173 @@ def audio_receptive_field(w2v):
     return reach
 
 
+@torch.inference_mode()
+def iter_step_features(w2v, blocks, num_layers=4, chunk_seconds=20.0, context_seconds=2.0):
+    """Yield (first step, (steps, dim) float32): the features of the 20 ms audio steps of a wave that
+    arrives in blocks (any sizes), a chunk of chunk_seconds at a time, holding only one chunk and its
+    context of samples.
+
+    Each chunk runs with context_seconds of extra audio on both sides whose steps are dropped, so that
+    chunk borders see the same context as the middle; its samples are normalised on their own (zero
+    mean, unit variance, as a feature extractor given that stretch would). A step's feature is the mean
+    of the last num_layers hidden states. A wave that fits in one chunk is a single forward pass.
+    """
+    hop, reach = audio_hop(w2v), audio_receptive_field(w2v)
+    device = next(w2v.parameters()).device
+    chunk = max(1, round(chunk_seconds * SAMPLE_RATE / hop))
+    context = math.ceil(context_seconds * SAMPLE_RATE / hop)
+    pieces, held, offset = [], 0, 0  # the samples held, and the index of their first one in the wave
+    first = 0
+
+    def run(start, stop, first, last, final=False):
+        end = None if final else (stop - 1) * hop + reach - offset  # the last window takes the wave's tail too
+        samples = np.concatenate(pieces)[start * hop - offset:end]
+        wave = normalize_waveform(torch.from_numpy(samples).float()[None]).to(device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            _, hidden_states = w2v(wave)
+        mean = torch.stack(hidden_states[-num_layers:]).float().mean(0)[0]
+        return first, mean[first - start:last - start].cpu()
+
+    for block in blocks:
+        pieces.append(np.asarray(block, dtype=np.float32))
+        held += len(block)
+        # a whole chunk and its right context have arrived
+        while offset + held >= (first + chunk + context - 1) * hop + reach:
+            last = first + chunk
+            yield run(max(first - context, 0), last + context, first, last)
+            first = last
+            keep = max(first - context, 0) * hop - offset  # drop the samples no later chunk needs
+            if keep > 0:
+                rest = np.concatenate(pieces)[keep:]
+                pieces, held, offset = [rest], len(rest), offset + keep
+    total = int(w2v.num_steps(offset + held)) if offset + held else 0
+    while first < total:
+        last = min(first + chunk, total)
+        stop = min(last + context, total)
+        yield run(max(first - context, 0), stop, first, last, final=stop == total)
+        first = last
+
+
+def audio_step_features(w2v, wave, num_layers=4, chunk_seconds=20.0, context_seconds=2.0):
+    """(steps, dim) float32: iter_step_features over a whole wave (a tensor) at once."""
+    parts = [f for _, f in iter_step_features(w2v, [wave.float().numpy()], num_layers, chunk_seconds,
+                                              context_seconds)]
+    return torch.cat(parts) if parts else torch.zeros(0, w2v.cfg.hidden_size)
+
+
+class FrameAligner:
+    """Per video frame, the mean of the audio steps whose centre lies within +/- window seconds of the
+    frame's time (the nearest step when none does), gathered from chunks of steps as they come, so that
+    only the per-frame features are held. Sums per chunk come from float64 prefix sums."""
+
+    def __init__(self, times, dim, window=0.5):
+        self.times = torch.as_tensor(times, dtype=torch.float64)
+        self.window = window
+        self.sums = torch.zeros(len(self.times), dim)
+        self.counts = torch.zeros(len(self.times), dtype=torch.long)
+        self.first = self.last = None  # (time, feature) of the first and the last step seen
+
+    def add(self, step_times, features):
+        if not len(features):
+            return
+        if self.first is None:
+            self.first = (float(step_times[0]), features[0].clone())
+        self.last = (float(step_times[-1]), features[-1].clone())
+        lo = torch.searchsorted(step_times, self.times - self.window, side="left")
+        hi = torch.searchsorted(step_times, self.times + self.window, side="right")
+        reached = torch.nonzero(hi > lo).flatten()
+        if not len(reached):
+            return
+        prefix = F.pad(features.double().cumsum(0), (0, 0, 1, 0))
+        lo, hi = lo[reached], hi[reached]
+        self.sums[reached] += (prefix[hi] - prefix[lo]).float()
+        self.counts[reached] += hi - lo
+
+    def result(self):
+        """(frames, dim) float32."""
+        out = self.sums / self.counts.clamp_min(1)[:, None]
+        empty = self.counts == 0
+        if self.first is not None and empty.any():  # frames further than the window from any step
+            before = empty & (self.times < self.first[0])
+            out[before] = self.first[1]
+            out[empty & ~before] = self.last[1]
+        return out
+
+
+def align_audio(step_features, times, hop_seconds=0.02, first_step_time=0.0125, window=0.5, block=4096):
+    """FrameAligner over steps at first_step_time + k * hop_seconds, given all at once (block steps a
+    chunk). Returns (frames, dim) float32."""
+    steps, dim = step_features.shape
+    aligner = FrameAligner(times, dim, window)
+    step_times = first_step_time + hop_seconds * torch.arange(steps, dtype=torch.float64)
+    for begin in range(0, steps, block):
+        aligner.add(step_times[begin:begin + block], step_features[begin:begin + block])
+    return aligner.result()
+
+
 def frame_times(num_frames, fps):
     """The middle of each frame: (i + 0.5) / fps."""
     return (torch.arange(num_frames, dtype=torch.float64) + 0.5) / fps
 
 
-def align_audio(step_features, times, hop_seconds=0.02, first_step_time=0.0125, window=0.5, block=4096):
-    """Per video frame, the mean of the audio steps whose centre lies within +/- window seconds of
-    the frame's time (the nearest step when none does). Prefix sums in float64, a block of
-    frames at a time so memory stays small on long videos. Returns (frames, dim) float32."""
-    steps, dim = step_features.shape
+def frame_centres(times):
+    """The middle of each frame, from their presentation times: t_i + (t_{i+1} - t_i) / 2 (the last frame
+    lasts as long as the one before it). What the audio is aligned to, on the file's clock."""
     times = torch.as_tensor(times, dtype=torch.float64)
-    if steps == 0:
-        return torch.zeros(len(times), dim)
-    step_times = first_step_time + hop_seconds * torch.arange(steps, dtype=torch.float64)
-    lo = torch.searchsorted(step_times, times - window, side="left")
-    hi = torch.searchsorted(step_times, times + window, side="right")
-    nearest = ((times - first_step_time) / hop_seconds).round().long().clamp(0, steps - 1)
-    out = step_features[nearest].float()
-    for begin in range(0, len(times), block):
-        lo_b, hi_b = lo[begin:begin + block], hi[begin:begin + block]
-        first, last = int(lo_b.min()), int(hi_b.max())
-        if last <= first:
-            continue
-        prefix = F.pad(step_features[first:last].double().cumsum(0), (0, 0, 1, 0))
-        counts = (hi_b - lo_b)[:, None]
-        sums = prefix[hi_b - first] - prefix[lo_b - first]
-        means = sums / counts.clamp_min(1)
-        out[begin:begin + block] = torch.where(counts > 0, means, out[begin:begin + block].double()).float()
-    return out
+    if len(times) < 2:
+        return times + 1 / 50
+    step = times.diff()
+    return times + torch.cat([step, step[-1:]]) / 2
 
 
-def frame_audio_features(w2v, wave, times, num_layers=4, chunk_seconds=20.0, window=0.5):
-    """The audio feature of each video frame: (frames, dim) float32, for frames at `times` seconds
-    (frame_times(n, fps) for constant-rate video, the decoded times otherwise)."""
-    steps = audio_step_features(w2v, wave, num_layers, chunk_seconds)
-    return align_audio(steps, times, hop_seconds=audio_hop(w2v) / SAMPLE_RATE,
-                       first_step_time=audio_receptive_field(w2v) / 2 / SAMPLE_RATE, window=window)
+def frame_audio_features(w2v, wave, times, num_layers=4, chunk_seconds=20.0, window=0.5, start=0.0):
+    """The audio feature of each video frame: (frames, dim) float32, for frames centred at `times` seconds,
+    the wave's first sample being at `start` on the same clock."""
+    return stream_frame_audio(w2v, [wave.float().numpy()], start, times, num_layers, chunk_seconds, window)
+
+
+def stream_frame_audio(w2v, blocks, start, times, num_layers=4, chunk_seconds=20.0, window=0.5):
+    """frame_audio_features of a wave given as blocks; `start` may be a callable giving it once the first
+    block has come (AudioReader sets its start then)."""
+    hop_seconds = audio_hop(w2v) / SAMPLE_RATE
+    first_step_time = audio_receptive_field(w2v) / 2 / SAMPLE_RATE
+    aligner = FrameAligner(times, w2v.cfg.hidden_size, window)
+    for first, features in iter_step_features(w2v, blocks, num_layers, chunk_seconds):
+        origin = start() if callable(start) else start
+        step_times = origin + first_step_time + hop_seconds * torch.arange(first, first + len(features),
+                                                                           dtype=torch.float64)
+        aligner.add(step_times, features)
+    return aligner.result()
+
+
+def frame_audio(w2v, video, times, cfg, audio_dim=1024, warn=None):
+    """(audio (N, Da), audio_present (N,)) for frames at presentation `times` of `video`, its sound streamed.
+
+    audio_present is True where a frame's middle falls on decoded sound. Sound lost to damaged packets
+    gives one warning (warn(text), default stderr)."""
+    dim = w2v.cfg.hidden_size if w2v is not None else audio_dim
+    absent = torch.zeros(len(times), dim), torch.zeros(len(times), dtype=torch.bool)
+    if w2v is None or video is None or not len(times):
+        return absent
+    centres = frame_centres(times)
+    reader = AudioReader(video)
+    audio = stream_frame_audio(w2v, reader, lambda: reader.start, centres, cfg.audio_layers, cfg.chunk_seconds,
+                               cfg.audio_window)
+    if reader.lost_seconds:
+        (warn or _warn)(f"{video}: {reader.lost_seconds:.2f} s of sound could not be decoded (damaged packets); "
+                        "those frames have audio=0")
+    if reader.start is None:
+        return absent
+    return audio, reader.covered(centres)
+
+
+def _warn(text):
+    tqdm.write(f"warning: {text}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------- Stage II: per-frame features
 
-FEATURES_FORMAT = "emo-features/1"
+FEATURES_FORMAT = "emo-features/2"  # 2: sound at its presentation time
 FEATURES_SUFFIX = ".features.safetensors"
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
 
@@ -810,31 +982,6 @@ def fill_rows(values, encoded, face):
     return values
 
 
-def _centred_times(times):
-    """Each frame's middle, seconds since the first frame: what the audio is aligned to."""
-    if len(times) == 0:
-        return times
-    times = times - times[0]
-    step = times.diff()
-    if len(step):
-        step = torch.cat([step, step[-1:]])
-    else:
-        step = torch.full_like(times, 1 / 25)
-    return times + step / 2
-
-
-def frame_audio(w2v, wave, has_audio, times, cfg=FeatureConfig(), audio_dim=1024):
-    """(audio (N, Da), audio_present (N,)) for frames at presentation `times`."""
-    dim = w2v.cfg.hidden_size if w2v is not None else audio_dim
-    if w2v is None or not has_audio or len(wave) == 0:
-        return torch.zeros(len(times), dim), torch.zeros(len(times), dtype=torch.bool)
-    relative = times - times[0] if len(times) else times
-    present = relative < len(wave) / SAMPLE_RATE
-    audio = frame_audio_features(w2v, wave, _centred_times(times), cfg.audio_layers, cfg.chunk_seconds,
-                                 cfg.audio_window)
-    return audio, present
-
-
 class _Encoder:
     """Gathers crops of many frames and all scales, and runs them through the encoder in batches of
     cfg.batch_frames frames; each frame's feature is the mean over its scales."""
@@ -907,41 +1054,38 @@ def people_features(video, encoder, w2v, detector, people=("left", "right"), cfg
     video = Path(video)
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
     encoder.to(device).eval()
-    with ThreadPoolExecutor(1) as pool:
-        sound = pool.submit(read_audio, video) if w2v is not None else None  # decodes while faces are detected
-        if boxes is not None:  # the user's own boxes: no detection, no tracking
-            given = read_boxes(boxes) if isinstance(boxes, (str, Path)) else boxes
-            source = str(boxes) if isinstance(boxes, (str, Path)) else "the given boxes"
-            times = frame_presentation_times(video)
-            num_frames = len(times)
-            boxes = [boxes_for(given, person, num_frames, source) for person in people]
-        else:
-            if detector is None:
-                raise EmoError("features from raw videos need a face detector or the faces' boxes")
-            faces = detect_video(video, detector, cfg.detect, cache_dir, progress)
-            num_frames, times = len(faces.counts), faces.times
-            detections = faces.per_frame()
-            tracks = [choose_track(detections, num_frames, person, cfg.track) for person in people]
-            boxes = [track.boxes if track is not None else torch.full((num_frames, 4), float("nan"))
-                     for track in tracks]
-        face = [~box.isnan().any(1) for box in boxes]
-        plans = [encode_plan(f, cfg.stride) for f in face]
-        dim = encoder.backbone.cfg.hidden_size
-        visual = [torch.zeros(num_frames, dim, device=device) for _ in people]
-        batcher = _Encoder(encoder, device, cfg, visual)
-        if any(p.any() for p in plans):  # else no second decoding pass
-            with tqdm(total=num_frames, desc=f"encode {video.name}", unit="frame", disable=not progress) as bar:
-                ahead = 1 + math.ceil(cfg.batch_frames / cfg.decode_batch)  # a whole encoder batch queued
-                for decoded, work in _prefetch(_encode_batches(video, plans, boxes, cfg, device), ahead):
-                    for slot, index, crops in work:
-                        if isinstance(crops, tuple):  # frames to crop on the GPU
-                            frames, box = (t.to(device, non_blocking=True) for t in crops)
-                            crops = crop_faces(frames, box, cfg.scales, cfg.crop_size, cfg.crop_resize)
-                        batcher.add(slot, index, crops)
-                    bar.update(min(decoded, num_frames) - bar.n)
-                batcher.flush()
-        wave, has_audio = sound.result() if sound is not None else (None, False)
-    audio, present = frame_audio(w2v, wave, has_audio, times, cfg, audio_dim)
+    if boxes is not None:  # the user's own boxes: no detection, no tracking
+        given = read_boxes(boxes) if isinstance(boxes, (str, Path)) else boxes
+        source = str(boxes) if isinstance(boxes, (str, Path)) else "the given boxes"
+        times = frame_presentation_times(video)
+        num_frames = len(times)
+        boxes = [boxes_for(given, person, num_frames, source) for person in people]
+    else:
+        if detector is None:
+            raise EmoError("features from raw videos need a face detector or the faces' boxes")
+        faces = detect_video(video, detector, cfg.detect, cache_dir, progress)
+        num_frames, times = len(faces.counts), faces.times
+        detections = faces.per_frame()
+        tracks = [choose_track(detections, num_frames, person, cfg.track) for person in people]
+        boxes = [track.boxes if track is not None else torch.full((num_frames, 4), float("nan"))
+                 for track in tracks]
+    face = [~box.isnan().any(1) for box in boxes]
+    plans = [encode_plan(f, cfg.stride) for f in face]
+    dim = encoder.backbone.cfg.hidden_size
+    visual = [torch.zeros(num_frames, dim, device=device) for _ in people]
+    batcher = _Encoder(encoder, device, cfg, visual)
+    if any(p.any() for p in plans):  # else no second decoding pass
+        with tqdm(total=num_frames, desc=f"encode {video.name}", unit="frame", disable=not progress) as bar:
+            ahead = 1 + math.ceil(cfg.batch_frames / cfg.decode_batch)  # a whole encoder batch queued
+            for decoded, work in _prefetch(_encode_batches(video, plans, boxes, cfg, device), ahead):
+                for slot, index, crops in work:
+                    if isinstance(crops, tuple):  # frames to crop on the GPU
+                        frames, box = (t.to(device, non_blocking=True) for t in crops)
+                        crops = crop_faces(frames, box, cfg.scales, cfg.crop_size, cfg.crop_resize)
+                    batcher.add(slot, index, crops)
+                bar.update(min(decoded, num_frames) - bar.n)
+            batcher.flush()
+    audio, present = frame_audio(w2v, video, times, cfg, audio_dim)
     results = {}
     for person, box, f, plan, v in zip(people, boxes, face, plans, visual):
         results[person] = FrameFeatures(visual=fill_rows(v.cpu(), plan, f), audio=audio, face=f,
@@ -993,11 +1137,12 @@ def cropped_aligned_features(folder, num_frames, encoder, w2v=None, video=None, 
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             visual[index] = encoder.features(images.to(device)).float().cpu()
     fill_rows(visual, face, face)
+    start = 0.0
     if video is not None:
-        fps = fps or probe(video).fps
-    times = torch.arange(num_frames, dtype=torch.float64) / (fps or 30.0)
-    wave, has_audio = read_audio(video) if video is not None and w2v is not None else (None, False)
-    audio, audio_present = frame_audio(w2v, wave, has_audio, times, cfg, audio_dim)
+        info = probe(video)
+        fps, start = fps or info.fps, info.start
+    times = start + torch.arange(num_frames, dtype=torch.float64) / (fps or 30.0)
+    audio, audio_present = frame_audio(w2v, video, times, cfg, audio_dim)
     return FrameFeatures(visual=visual, audio=audio, face=face, audio_present=audio_present, times=times,
                          boxes=torch.full((num_frames, 4), float("nan")))
 
@@ -1847,6 +1992,30 @@ def render_audio(labels_per_id, n_frames, fps, sample_rate, rng):
     return (wave * rng.uniform(0.7, 1.0)).astype(np.float32)
 
 
+def yuv420p_frame(rgb):
+    """An (H, W, 3) uint8 RGB image (even H, W) as a yuv420p VideoFrame: BT.601 limited range, chroma the
+    mean of each 2x2 block, every byte of the planes written, line padding included.
+
+    Converting here instead of in FFmpeg keeps the synthetic videos identical on every machine: with
+    PyAV 18's FFmpeg, rgb24 -> yuv420p in swscale gave different pixels from run to run on AVX-512 CPUs
+    (the same seed, the same process), while x264 itself is deterministic at one thread.
+    """
+    height, width, _ = rgb.shape
+    if height % 2 or width % 2:
+        raise EmoError(f"synthetic video frames need an even size, got {width}x{height}")
+    r, g, b = (rgb[..., c].astype(np.int32) for c in range(3))
+    y = (66 * r + 129 * g + 25 * b + 128 >> 8) + 16
+    u = (-38 * r - 74 * g + 112 * b + 128 >> 8) + 128
+    v = (112 * r - 94 * g - 18 * b + 128 >> 8) + 128
+    u, v = ((c.reshape(height // 2, 2, width // 2, 2).sum((1, 3)) + 2) // 4 for c in (u, v))
+    frame = av.VideoFrame(width, height, "yuv420p")
+    for plane, values in zip(frame.planes, (y, u, v)):
+        rows = np.zeros((plane.buffer_size // plane.line_size, plane.line_size), np.uint8)
+        rows[:values.shape[0], :values.shape[1]] = np.clip(values, 0, 255)
+        plane.update(rows)
+    return frame
+
+
 def write_video(path, frames, fps, audio, sample_rate, container_format):
     """Encode frames (and mono audio, if given) with PyAV: H.264 + AAC in .mp4, MPEG-4 + PCM in .avi."""
     n, H, W, _ = frames.shape
@@ -1865,7 +2034,7 @@ def write_video(path, frames, fps, audio, sample_rate, container_format):
             else:
                 sound = out.add_stream("pcm_s16le", rate=sample_rate, layout="mono")
         for i in range(n):
-            frame = av.VideoFrame.from_ndarray(frames[i], format="rgb24")
+            frame = yuv420p_frame(frames[i])
             frame.pts = i
             for packet in video.encode(frame):
                 out.mux(packet)

@@ -241,6 +241,9 @@ def test_synth_is_deterministic(dataset, tmp_path):
     for record in manifest["videos"]:
         a, b = all_frames(out / record["file"])[0], all_frames(tmp_path / "again" / record["file"])[0]
         assert torch.equal(a, b), record["video"]  # videos: the same decoded frames
+        if record["audio"]:  # and the same decoded sound
+            assert torch.equal(data.read_audio(out / record["file"])[0],
+                               data.read_audio(tmp_path / "again" / record["file"])[0]), record["video"]
     other = synth(tmp_path / "other", seed=1)
     assert [r["frames"] for r in other["videos"]] != [r["frames"] for r in manifest["videos"]]
 

@@ -7,7 +7,7 @@ import torch
 
 import hf_checkpoints as hf
 from data import (DetectConfig, TrackConfig, align_audio, audio_step_features, choose_track, crop_faces,
-                  detect_video, frame_times, iter_face_crops, track_video, write_video)
+                  detect_video, frame_times, iter_face_crops, iter_step_features, track_video, write_video)
 from models import Wav2Vec2, normalize_waveform
 
 
@@ -40,14 +40,28 @@ def test_audio_that_fits_one_chunk_is_one_pass(tiny_w2v):
 
 
 def test_chunk_borders_see_their_context(tmp_path):
-    # Without transformer layers a step's feature depends only on nearby audio, so chunks with
-    # enough context must reproduce the single pass exactly: this checks the chunk bookkeeping.
+    # Without transformer layers a step's feature depends only on nearby audio: each chunk must equal one
+    # pass over its own stretch of samples (its context on both sides, normalised on its own), and the
+    # stream must give the same features whatever the sizes of the blocks the wave arrives in.
     local = Wav2Vec2.from_pretrained(hf.save(hf.wav2vec2(**{**hf.TINY_W2V_LARGE, "num_hidden_layers": 0}), tmp_path))
     wave = torch.randn(5 * 16000, generator=torch.Generator().manual_seed(2))
-    single = audio_step_features(local, wave, num_layers=1)
     chunked = audio_step_features(local, wave, num_layers=1, chunk_seconds=0.7, context_seconds=0.3)
-    assert single.shape == chunked.shape == (local.num_steps(len(wave)), 64)
-    assert (single - chunked).abs().max() <= 1e-5
+    total = local.num_steps(len(wave))
+    assert chunked.shape == (total, 64)
+    chunk, context = 35, 15  # steps of 20 ms
+    expected = []
+    for first in range(0, total, chunk):
+        last = min(first + chunk, total)
+        start, stop = max(first - context, 0), min(last + context, total)
+        samples = wave[start * 320:(stop - 1) * 320 + 400] if stop < total else wave[start * 320:]
+        with torch.no_grad():
+            _, hidden = local(normalize_waveform(samples[None]))
+        expected.append(hidden[-1][0, first - start:last - start])
+    assert (torch.cat(expected) - chunked).abs().max() <= 1e-5
+    sizes = np.random.default_rng(0).integers(1, 9000, 200).cumsum()
+    blocks = np.split(wave.numpy(), sizes[sizes < len(wave)])
+    streamed = torch.cat([f for _, f in iter_step_features(local, iter(blocks), 1, 0.7, 0.3)])
+    assert torch.equal(streamed, chunked)
 
 
 def two_people(num_frames=60):
