@@ -478,18 +478,22 @@ def choose_track(detections, num_frames, rule="largest", cfg=TrackConfig()):
 
 
 def fill_and_smooth(track, num_frames, cfg=TrackConfig()):
-    """Boxes on every frame: gaps of up to fill_gap frames take the nearest detection's box, then
-    centres and sizes get a moving average within each run of known boxes."""
+    """Boxes on every frame the track covers: a gap of up to fill_gap frames between two detections takes
+    the box interpolated between them; longer gaps, and frames before the first or after the last
+    detection, stay unknown (NaN). Then centres and sizes get a moving average within each run of
+    known boxes."""
     detected = torch.zeros(num_frames, dtype=torch.bool)
     scores = torch.zeros(num_frames)
     boxes = torch.full((num_frames, 4), float("nan"))
     for frame, (box, score) in track.items():
         detected[frame], scores[frame], boxes[frame] = True, score, box
-    frames = torch.arange(num_frames)
-    seen = frames[detected]
-    nearest = seen[_nearest(seen, frames)]  # not a frames x detections matrix: hour-long videos
-    fill = (frames - nearest).abs() <= cfg.fill_gap
-    boxes[fill] = boxes[nearest[fill]]
+    seen = torch.nonzero(detected).flatten()
+    if len(seen) > 1:
+        gap = seen.diff() - 1
+        for a, b in zip(seen[:-1][(gap > 0) & (gap <= cfg.fill_gap)].tolist(),
+                        seen[1:][(gap > 0) & (gap <= cfg.fill_gap)].tolist()):
+            weight = (torch.arange(a + 1, b) - a).float()[:, None] / (b - a)
+            boxes[a + 1:b] = torch.lerp(boxes[a], boxes[b], weight)
     if cfg.smooth > 1:
         centre_size = torch.cat([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], 1)
         known = ~centre_size[:, 0].isnan()
@@ -733,10 +737,15 @@ class FrameFeatures:
     """One person in one video, one row per video frame."""
     visual: torch.Tensor         # (N, Dv) float32: scale-averaged Stage I CLS; no-face rows hold the nearest face row's
     audio: torch.Tensor          # (N, Da) float32: frame-aligned wav2vec2 features, zeros without audio
-    face: torch.Tensor           # (N,) bool: a (tracked, possibly gap-filled) face box was used for this frame
+    face: torch.Tensor           # (N,) bool: a face box was used for this frame: detected, or filled between two
     audio_present: torch.Tensor  # (N,) bool: the video has an audio track covering this frame
     times: torch.Tensor          # (N,) float64 seconds, the frames' presentation times
     boxes: torch.Tensor          # (N, 4) float32 x1, y1, x2, y2 in frame pixels, NaN where no face
+    detected: torch.Tensor = None  # (N,) bool: the face was detected on this very frame (default: face)
+
+    def __post_init__(self):
+        if self.detected is None:
+            self.detected = torch.as_tensor(self.face).clone()
 
     def __len__(self):
         return len(self.face)
@@ -1054,6 +1063,7 @@ def people_features(video, encoder, w2v, detector, people=("left", "right"), cfg
     video = Path(video)
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
     encoder.to(device).eval()
+    given = None
     if boxes is not None:  # the user's own boxes: no detection, no tracking
         given = read_boxes(boxes) if isinstance(boxes, (str, Path)) else boxes
         source = str(boxes) if isinstance(boxes, (str, Path)) else "the given boxes"
@@ -1070,6 +1080,8 @@ def people_features(video, encoder, w2v, detector, people=("left", "right"), cfg
         boxes = [track.boxes if track is not None else torch.full((num_frames, 4), float("nan"))
                  for track in tracks]
     face = [~box.isnan().any(1) for box in boxes]
+    detected = [track.detected if track is not None else torch.zeros(num_frames, dtype=torch.bool)
+                for track in tracks] if given is None else [f.clone() for f in face]
     plans = [encode_plan(f, cfg.stride) for f in face]
     dim = encoder.backbone.cfg.hidden_size
     visual = [torch.zeros(num_frames, dim, device=device) for _ in people]
@@ -1087,9 +1099,9 @@ def people_features(video, encoder, w2v, detector, people=("left", "right"), cfg
             batcher.flush()
     audio, present = frame_audio(w2v, video, times, cfg, audio_dim)
     results = {}
-    for person, box, f, plan, v in zip(people, boxes, face, plans, visual):
+    for person, box, f, d, plan, v in zip(people, boxes, face, detected, plans, visual):
         results[person] = FrameFeatures(visual=fill_rows(v.cpu(), plan, f), audio=audio, face=f,
-                                        audio_present=present, times=times, boxes=box)
+                                        audio_present=present, times=times, boxes=box, detected=d)
     return results
 
 
@@ -1158,7 +1170,7 @@ def save_features(path, features, key):
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"visual": features.visual.half(), "audio": features.audio.half(), "face": features.face.bool(),
                "audio_present": features.audio_present.bool(), "times": features.times.double(),
-               "boxes": features.boxes.float()}
+               "boxes": features.boxes.float(), "detected": features.detected.bool()}
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
                   metadata={"format": FEATURES_FORMAT, "key": _key_text(key)})
@@ -1207,7 +1219,8 @@ def load_features(path, key=None):
             tensors = {name: f.get_tensor(name) for name in f.keys()}
         features = FrameFeatures(visual=tensors["visual"].float(), audio=tensors["audio"].float(),
                                  face=tensors["face"].bool(), audio_present=tensors["audio_present"].bool(),
-                                 times=tensors["times"].double(), boxes=tensors["boxes"].float())
+                                 times=tensors["times"].double(), boxes=tensors["boxes"].float(),
+                                 detected=tensors["detected"].bool())
         n = len(features.face)
         if any(len(t) != n for t in vars(features).values()):
             raise ValueError("its tensors disagree on the number of frames")

@@ -9,7 +9,7 @@ Stage I encoder, compute frame-aligned wav2vec 2.0 audio features, fuse them wit
 ensemble (logits averaged), smooth the logits over time with the checkpoint's filter, softmax.
 Written to --out for each prediction id (`<video stem>`, or `<stem>_left` / `<stem>_right`):
 
-    <id>.csv        one row per video frame: frame,time,label,Neutral,...,Other,face,audio
+    <id>.csv        one row per video frame: frame,time,label,Neutral,...,Other,face,detected,audio
     <id>.abaw.txt   ABAW submission rows: image_location,Neutral,...,Other then <id>/00001.jpg,<0..7>
     <id>.png        timeline: probability of each class over time, the label strip, face/audio strips
     <id>.mp4        with --video-out: the video with the face box, label and probability drawn
@@ -44,7 +44,7 @@ DEFAULT_DETECTOR = "py-feat/retinaface"  # MobileNet-0.25, used when the checkpo
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts")
 PERSONS = ("largest", "left", "right", "all")
 ABAW_SUBMISSION_HEADER = "image_location," + ",".join(CLASSES)
-CSV_HEADER = "frame,time,label," + ",".join(CLASSES) + ",face,audio"
+CSV_HEADER = "frame,time,label," + ",".join(CLASSES) + ",face,detected,audio"
 # One colour per class (RGB), for the timeline and the annotated video.
 CLASS_COLOURS = ((128, 128, 128), (220, 40, 40), (110, 150, 30), (140, 70, 190),
                  (245, 175, 0), (40, 100, 220), (0, 185, 190), (150, 95, 60))
@@ -65,7 +65,8 @@ class VideoPrediction:
     times: np.ndarray            # (N,) float64: presentation time in seconds
     probabilities: np.ndarray    # (N, 8) float32: softmax of the smoothed ensemble logits
     labels: np.ndarray           # (N,) int64: argmax class, 0..7 in CLASSES order
-    face: np.ndarray             # (N,) bool: a (tracked, possibly gap-filled) face box was used
+    face: np.ndarray             # (N,) bool: a face box was used (detected, or filled between two detections)
+    detected: np.ndarray         # (N,) bool: the face was detected on this very frame (face and not detected: filled)
     audio: np.ndarray            # (N,) bool: the video's sound covers this frame
     boxes: np.ndarray            # (N, 4) float32: x1, y1, x2, y2 in frame pixels, NaN where no face
     audio_only: bool = False     # no face anywhere in the video: predicted from the sound alone
@@ -83,7 +84,7 @@ def prediction_from_logits(logits, features, id, video, person, info):
         frames=np.arange(len(logits), dtype=np.int64), times=_numpy(features.times).astype(np.float64),
         probabilities=probabilities.numpy().astype(np.float32),
         labels=probabilities.argmax(-1).numpy().astype(np.int64),
-        face=face, audio=_numpy(features.audio_present).astype(bool),
+        face=face, detected=_numpy(features.detected).astype(bool), audio=_numpy(features.audio_present).astype(bool),
         boxes=_numpy(features.boxes).astype(np.float32), audio_only=not face.any())
 
 
@@ -333,14 +334,14 @@ def predict_video(video, predictor, person="largest", fail_without_face=False, p
 # ---------------------------------------------------------------------------------------- writers
 
 def write_csv(path, prediction):
-    """One row per video frame: frame,time,label,<8 probabilities>,face,audio (label = class name)."""
+    """One row per video frame: frame,time,label,<8 probabilities>,face,detected,audio (label = class name)."""
     p = prediction
     lines = [CSV_HEADER]
     probabilities = p.probabilities.astype(np.float64)
     for i in range(len(p)):
         values = ",".join(f"{v:.6f}" for v in probabilities[i])
         lines.append(f"{int(p.frames[i])},{p.times[i]:.6f},{CLASSES[int(p.labels[i])]},{values},"
-                     f"{int(bool(p.face[i]))},{int(bool(p.audio[i]))}")
+                     f"{int(bool(p.face[i]))},{int(bool(p.detected[i]))},{int(bool(p.audio[i]))}")
     with atomic_path(path) as tmp:
         Path(tmp).write_text("\n".join(lines) + "\n")
 

@@ -88,12 +88,13 @@ def test_one_row_per_frame_and_the_scale_average(setup):
     n = 24
     assert len(result) == n and result.visual.shape == (n, 64) and result.audio.shape == (n, 64)
     assert torch.allclose(result.times, torch.arange(n, dtype=torch.float64) / FPS, atol=1e-3)
-    assert result.face.tolist() == [f not in (13, 14) for f in range(n)]  # 12 and 15 gap-filled (fill_gap 1)
+    assert result.face.tolist() == [f not in NO_FACE for f in range(n)]  # a 4-frame gap: longer than fill_gap 1
+    assert torch.equal(result.detected, result.face)
     assert result.boxes[~result.face].isnan().all() and not result.boxes[result.face].isnan().any()
     known, expected = direct_features(setup["model"], setup["videos"] / "batch1/talk.mp4", result.boxes)
     assert known.tolist() == torch.nonzero(result.face).flatten().tolist()
     assert (result.visual[known] - expected).abs().max() <= 1e-5
-    assert torch.equal(result.visual[13], result.visual[12]) and torch.equal(result.visual[14], result.visual[15])
+    assert torch.equal(result.visual[13], result.visual[11]) and torch.equal(result.visual[14], result.visual[16])
     assert result.audio_present.all() and result.audio.abs().sum(1).gt(0).all()
     assert not torch.equal(result.audio[0], result.audio[-1])
 
@@ -102,12 +103,12 @@ def test_stride_encodes_some_frames_and_interpolates_the_rest(setup):
     every = features(setup, "batch1/talk.mp4")
     strided = features(setup, "batch1/talk.mp4", cfg=data.FeatureConfig(**{**asdict(CFG), "stride": 2}))
     plan = data.encode_plan(every.face, 2)
-    # runs of face frames 0..12 and 15..23: every 2nd frame of each and each run's last
-    assert torch.nonzero(plan).flatten().tolist() == [0, 2, 4, 6, 8, 10, 12, 15, 17, 19, 21, 23]
+    # runs of face frames 0..11 and 16..23: every 2nd frame of each and each run's last
+    assert torch.nonzero(plan).flatten().tolist() == [0, 2, 4, 6, 8, 10, 11, 16, 18, 20, 22, 23]
     assert (strided.visual[plan] - every.visual[plan]).abs().max() <= 1e-5
-    for f in [1, 3, 5, 7, 9, 11, 16, 18, 20, 22]:
+    for f in [1, 3, 5, 7, 9, 17, 19, 21]:
         assert torch.allclose(strided.visual[f], (strided.visual[f - 1] + strided.visual[f + 1]) / 2, atol=1e-6)
-    assert torch.equal(strided.visual[13], strided.visual[12]) and torch.equal(strided.visual[14], strided.visual[15])
+    assert torch.equal(strided.visual[13], strided.visual[11]) and torch.equal(strided.visual[14], strided.visual[16])
     assert torch.equal(strided.face, every.face) and torch.equal(strided.audio, every.audio)
 
 

@@ -44,7 +44,8 @@ def make_prediction(n=57, id="clip", video="clip.mp4", seed=0, times=None, width
     return infer.VideoPrediction(
         id=id, video=str(video), person="largest", fps=fps, width=width, height=height,
         frames=np.arange(n), times=np.arange(n) / fps if times is None else np.asarray(times, dtype=np.float64),
-        probabilities=probabilities, labels=probabilities.argmax(1), face=face, audio=np.arange(n) < n - 5,
+        probabilities=probabilities, labels=probabilities.argmax(1), face=face, detected=face & (np.arange(n) % 3 > 0),
+        audio=np.arange(n) < n - 5,
         boxes=boxes)
 
 
@@ -57,13 +58,14 @@ def read_csv(path):
 def check_csv(path, n):
     """The CSV of n frames: header, one row per frame in order, probabilities summing to 1, label = argmax."""
     header, rows = read_csv(path)
-    assert header == ["frame", "time", "label", *CLASSES, "face", "audio"]
+    assert header == ["frame", "time", "label", *CLASSES, "face", "detected", "audio"]
     assert len(rows) == n
     assert [int(r[0]) for r in rows] == list(range(n))
     probabilities = np.array([[float(v) for v in r[3:11]] for r in rows])
     assert np.abs(probabilities.sum(1) - 1).max() < 1e-4
     assert [r[2] for r in rows] == [CLASSES[i] for i in probabilities.argmax(1)]
-    assert {r[11] for r in rows} <= {"0", "1"} and {r[12] for r in rows} <= {"0", "1"}
+    assert all({r[k] for r in rows} <= {"0", "1"} for k in (11, 12, 13))
+    assert not any(r[12] == "1" and r[11] == "0" for r in rows)  # detected implies a face
     times = np.array([float(r[1]) for r in rows])
     assert (np.diff(times) > 0).all()
     return rows
@@ -86,7 +88,8 @@ def test_csv_and_abaw_rows(tmp_path):
     infer.write_csv(tmp_path / "clip.csv", p)
     rows = check_csv(tmp_path / "clip.csv", len(p))
     assert np.allclose([float(r[1]) for r in rows], times, atol=1e-6)
-    assert [r[11] == "1" for r in rows] == p.face.tolist() and [r[12] == "1" for r in rows] == p.audio.tolist()
+    assert [r[11] == "1" for r in rows] == p.face.tolist() and [r[13] == "1" for r in rows] == p.audio.tolist()
+    assert [r[12] == "1" for r in rows] == p.detected.tolist()
     assert np.allclose([[float(v) for v in r[3:11]] for r in rows], p.probabilities, atol=1e-6)
     infer.write_abaw(tmp_path / "clip.abaw.txt", p)
     check_abaw(tmp_path / "clip.abaw.txt", "clip", p.labels)

@@ -85,13 +85,27 @@ def test_tracker_picks_people_by_rule():
     right = choose_track(two_people(), 60, "right", cfg)
     largest = choose_track(two_people(), 60, "largest", cfg)
     assert torch.equal(largest.boxes.nan_to_num(), right.boxes.nan_to_num())
-    assert (left.boxes[:, 0] < 80).all() and not left.boxes.isnan().any()   # misses of 1 frame are filled
+    # misses of 1 frame between two detections are filled; frame 59, after the last detection, is not
+    assert (left.boxes[:59, 0] < 80).all() and not left.boxes[:59].isnan().any() and left.boxes[59].isnan().all()
     assert left.detected.sum() == sum(1 for i in range(60) if i % 7 != 3)
     assert right.detected[30:50].sum() == 0
-    # a 20-frame absence: 5 frames filled at each side, the middle left unknown
-    assert not right.boxes[30:35].isnan().any() and not right.boxes[45:50].isnan().any()
-    assert right.boxes[35:45].isnan().all()
+    assert right.boxes[30:50].isnan().all()  # a 20-frame absence is longer than fill_gap: left unknown
     assert choose_track([(torch.zeros(0, 4), torch.zeros(0))] * 5, 5) is None
+
+
+def test_filling_never_reaches_past_a_track():
+    # A face from frame 100 on (a test pattern before it), missed on frames 110-113 and 130-149, gone after 159.
+    box = torch.tensor([[40.0, 40.0, 100.0, 100.0]])
+    detections = [(box + (i - 100) * 0.5 if 100 <= i < 160 and not (110 <= i < 114 or 130 <= i < 150)
+                   else torch.zeros(0, 4), torch.ones(1 if 100 <= i < 160 and not (110 <= i < 114 or 130 <= i < 150)
+                                                      else 0)) for i in range(200)]
+    track = choose_track(detections, 200, cfg=TrackConfig(fill_gap=12, smooth=1))
+    known = ~track.boxes.isnan().any(1)
+    assert not known[:100].any() and not known[160:].any()  # nothing before the first or after the last detection
+    assert known[100:130].all() and not known[130:150].any() and known[150:160].all()
+    assert not track.detected[110:114].any()
+    expected = box + (torch.arange(110, 114)[:, None] - 100) * 0.5  # interpolated between frames 109 and 114
+    assert torch.allclose(track.boxes[110:114], expected, atol=1e-5)
 
 
 def test_smoothing_keeps_a_still_box_and_calms_jitter():
