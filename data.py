@@ -4,12 +4,13 @@ features (video_features, extract_features), and a synthetic dataset in the real
     python data.py probe VIDEO              # fps, frame count, size, rotation, audio: as JSON
     python data.py synth OUT --seed 0       # a small seeded dataset: videos, annotations, crops, images
 
-Decoding streams through PyAV, so memory stays bounded whatever the video length:
+Decoding streams through PyAV, so memory stays bounded whatever the video's length and size:
 `iter_frames` yields batches of RGB frames (display rotation applied) with their true
-presentation times, and `read_audio` gives the mono 16 kHz waveform (empty, with has_audio
-False, for a video without sound).
+presentation times, and `AudioReader` the mono 16 kHz sound, each piece at its presentation time
+on the same clock; `frame_audio` turns it into per-frame wav2vec 2.0 features as it streams.
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -129,13 +130,18 @@ def probe(path):
         container.close()
 
 
-def iter_frames(path, batch_size=64):
+MAX_BATCH_BYTES = 64 << 20  # decoded RGB held per batch: a few 4K frames, many small ones
+
+
+def iter_frames(path, batch_size=64, size=None):
     """Yield (frames, times): uint8 (B, H, W, 3) RGB as displayed, float64 (B,) seconds.
 
-    Frames come in presentation order, batch_size at a time, so memory stays bounded. Times are
-    the frames' own presentation timestamps (true times for variable-frame-rate video), as the
-    container stores them (usually starting at 0). A frame whose size differs from the first
-    frame's (rare mid-stream changes) is scaled to the first frame's size.
+    Frames come in presentation order, batch_size at a time but never more than MAX_BATCH_BYTES of
+    RGB, so memory stays bounded in both the video's length and its frame size. Times are the frames'
+    own presentation timestamps (true times for variable-frame-rate video), as the container stores
+    them (usually starting at 0). size: (width, height) as displayed to convert to, in the same step
+    as the colour conversion (FFmpeg's swscale, area-aware), e.g. the face detector's input; default
+    the first frame's size (a later frame of another size is scaled to it).
     """
     if batch_size < 1:
         raise EmoError(f"batch_size must be at least 1, got {batch_size}")
@@ -143,19 +149,22 @@ def iter_frames(path, batch_size=64):
     try:
         stream = _video_stream(container, path)
         fps = float(stream.average_rate or 25)
-        size = None
+        coded = None
         decoded, times, rotation = [], [], 0
         for index, frame in enumerate(_decode(container, stream, path)):
-            if size is None:
-                size, rotation = (frame.width, frame.height), _rotation(frame, stream)
+            if coded is None:
+                rotation = _rotation(frame, stream)
+                coded = (frame.width, frame.height) if size is None else \
+                    (tuple(size)[::-1] if rotation in (90, 270) else tuple(size))
+                batch_size = max(1, min(batch_size, MAX_BATCH_BYTES // (3 * coded[0] * coded[1])))
             decoded.append(frame)
             # frames without a timestamp (some broken AVIs) fall back to their index / fps
             times.append(float(frame.time) if frame.time is not None else index / fps)
             if len(decoded) == batch_size:
-                yield _batch(_to_rgb(decoded, size), times, rotation)
+                yield _batch(_to_rgb(decoded, coded), times, rotation)
                 decoded, times = [], []
         if decoded:
-            yield _batch(_to_rgb(decoded, size), times, rotation)
+            yield _batch(_to_rgb(decoded, coded), times, rotation)
     except av.FFmpegError as e:
         raise EmoError(f"{path} cannot be decoded ({_reason(e)}); the file may be damaged, "
                        "re-encode or download it again") from None
@@ -333,9 +342,21 @@ class VideoFaces:
         return list(zip(self.boxes.split(counts), self.scores.split(counts)))
 
 
-def detect_frames(detector, frames, cfg=DetectConfig()):
-    """Faces in a batch of uint8 RGB frames (B, H, W, 3), boxes in the frames' own pixels."""
+def detector_size(width, height, cfg=DetectConfig()):
+    """(width, height) the detector sees a width x height frame at: the longer side at most cfg.max_side."""
+    scale = min(1.0, cfg.max_side / max(width, height))
+    return (max(1, round(width * scale)), max(1, round(height * scale))) if scale < 1.0 else (width, height)
+
+
+def detect_frames(detector, frames, cfg=DetectConfig(), scale=None):
+    """Faces in a batch of uint8 RGB frames (B, H, W, 3), boxes in the frames' own pixels. scale: the frames
+    are already scaled by this factor from the video's size (detector_size); boxes come in the video's pixels."""
     frames = frames.to(next(detector.parameters()).device)  # on a GPU, scale the frames down there too
+    if scale is not None:
+        faces = detector.detect(frames, cfg.score_threshold, cfg.nms_iou, cfg.min_size * scale)
+        for face in faces:
+            face.boxes, face.landmarks = face.boxes / scale, face.landmarks / scale
+        return faces
     height, width = frames.shape[1:3]
     scale = min(1.0, cfg.max_side / max(height, width))
     images = frames
@@ -350,12 +371,13 @@ def detect_frames(detector, frames, cfg=DetectConfig()):
     return faces
 
 
-def detect_video(path, detector, cfg=DetectConfig(), cache_dir=None, progress=True):
+def detect_video(path, detector, cfg=DetectConfig(), cache_dir=None, progress=True, bar=None):
     """VideoFaces of a whole video, decoded and detected batch by batch.
 
     With cache_dir the result is kept in <cache_dir>/<video name>.faces.safetensors and reused
     while the video file (path, size, modification time), the detector's weights and cfg stay the
-    same; anything else rebuilds it. A damaged cache file is reported and rebuilt.
+    same; anything else rebuilds it. A damaged cache file is reported and rebuilt. bar: a tqdm bar to
+    advance by the frames detected, instead of one of its own.
     """
     path = Path(path)
     stat = path.stat() if path.is_file() else None
@@ -368,10 +390,15 @@ def detect_video(path, detector, cfg=DetectConfig(), cache_dir=None, progress=Tr
         if cached is not None:
             return cached
     info = probe(path)
+    size = detector_size(info.width, info.height, cfg)
+    scale = size[0] / info.width  # the frames are converted straight to the detector's size
     times, counts, boxes, scores, landmarks = [], [], [], [], []
-    with tqdm(total=info.frames, desc=f"faces {path.name}", unit="frame", disable=not progress) as bar:
-        for frames, frame_times in _prefetch(iter_frames(path, cfg.batch_size)):
-            for face in detect_frames(detector, frames, cfg):
+    with contextlib.ExitStack() as stack:
+        if bar is None:
+            bar = stack.enter_context(tqdm(total=info.frames, desc=f"faces {path.name}", unit="frame",
+                                           disable=not progress))
+        for frames, frame_times in _prefetch(iter_frames(path, cfg.batch_size, size)):
+            for face in detect_frames(detector, frames, cfg, scale):
                 counts.append(len(face.scores))
                 boxes.append(face.boxes.cpu())
                 scores.append(face.scores.cpu())
@@ -508,24 +535,36 @@ def fill_and_smooth(track, num_frames, cfg=TrackConfig()):
 # ------------------------------------------------------------------------- faces: multi-scale crops
 
 def crop_faces(frames, boxes, scales=(0.9, 1.2, 1.5), size=224, resize=256):
-    """Square face crops at several scales, for a batch of frames, in one roi_align call.
+    """Square face crops at several scales, for a batch of frames.
 
     frames: (B, H, W, 3) uint8 RGB; boxes: (B, 4) x1, y1, x2, y2. Each crop is a square of side
     max(w, h) * scale around the box centre, zero outside the frame, resized to `resize` and
     centre-cropped to `size` (the encoder's eval transform), i.e. the middle size/resize of it.
+    Only the region the crops cover (and a 2-pixel margin, so that bilinear sampling sees the same
+    neighbours as on the whole frame) is turned into floats, one roi_align call per frame.
     Returns (B, len(scales), 3, size, size) float in 0..1.
     """
     boxes = boxes.to(frames.device)
+    height, width = frames.shape[1:3]
     centre = (boxes[:, :2] + boxes[:, 2:]) / 2
     side = (boxes[:, 2:] - boxes[:, :2]).amax(1)
     half = side[:, None] * torch.tensor(scales, dtype=side.dtype, device=side.device)[None] * (size / resize) / 2
-    frame_of_roi = torch.arange(len(frames), device=side.device).repeat_interleave(len(scales))
-    rois = torch.cat([frame_of_roi[:, None].to(side.dtype),
-                      (centre[:, None] - half[..., None]).flatten(0, 1),
-                      (centre[:, None] + half[..., None]).flatten(0, 1)], 1)
-    images = frames.permute(0, 3, 1, 2).float().div_(255)
-    crops = roi_align(images, rois, output_size=size, spatial_scale=1.0, sampling_ratio=0, aligned=True)
-    return crops.view(len(frames), len(scales), 3, size, size)
+    corners = torch.cat([(centre[:, None] - half[..., None]), (centre[:, None] + half[..., None])], 2)  # (B, S, 4)
+    crops = []
+    for frame, rois in zip(frames, corners):
+        x1, y1 = (int(max(0, math.floor(float(rois[:, k].min())) - 2)) for k in (0, 1))
+        x2 = int(min(width, math.ceil(float(rois[:, 2].max())) + 3))
+        y2 = int(min(height, math.ceil(float(rois[:, 3].max())) + 3))
+        if x2 <= x1 or y2 <= y1:  # every crop lies outside the frame: all zeros
+            crops.append(frames.new_zeros((len(scales), 3, size, size), dtype=torch.float32))
+            continue
+        region = frame[y1:y2, x1:x2].permute(2, 0, 1)[None].float().div_(255)
+        shifted = rois - torch.tensor([x1, y1, x1, y1], dtype=rois.dtype, device=rois.device)
+        indexed = torch.cat([torch.zeros(len(scales), 1, dtype=rois.dtype, device=rois.device), shifted], 1)
+        crops.append(roi_align(region, indexed, output_size=size, spatial_scale=1.0, sampling_ratio=0, aligned=True))
+    if not crops:
+        return torch.zeros(0, len(scales), 3, size, size, device=frames.device)
+    return torch.stack(crops)
 
 
 def iter_face_crops(path, boxes, scales=(0.9, 1.2, 1.5), size=224, resize=256, batch_size=32):
@@ -686,9 +725,10 @@ def frame_audio_features(w2v, wave, times, num_layers=4, chunk_seconds=20.0, win
     return stream_frame_audio(w2v, [wave.float().numpy()], start, times, num_layers, chunk_seconds, window)
 
 
-def stream_frame_audio(w2v, blocks, start, times, num_layers=4, chunk_seconds=20.0, window=0.5):
+def stream_frame_audio(w2v, blocks, start, times, num_layers=4, chunk_seconds=20.0, window=0.5, progress=None):
     """frame_audio_features of a wave given as blocks; `start` may be a callable giving it once the first
-    block has come (AudioReader sets its start then)."""
+    block has come (AudioReader sets its start then). progress(frames): called after each chunk with the
+    number of frames whose time the sound has reached."""
     hop_seconds = audio_hop(w2v) / SAMPLE_RATE
     first_step_time = audio_receptive_field(w2v) / 2 / SAMPLE_RATE
     aligner = FrameAligner(times, w2v.cfg.hidden_size, window)
@@ -697,10 +737,12 @@ def stream_frame_audio(w2v, blocks, start, times, num_layers=4, chunk_seconds=20
         step_times = origin + first_step_time + hop_seconds * torch.arange(first, first + len(features),
                                                                            dtype=torch.float64)
         aligner.add(step_times, features)
+        if progress is not None and len(step_times):
+            progress(int(torch.searchsorted(aligner.times, step_times[-1:])[0]) if len(aligner.times) else 0)
     return aligner.result()
 
 
-def frame_audio(w2v, video, times, cfg, audio_dim=1024, warn=None):
+def frame_audio(w2v, video, times, cfg, audio_dim=1024, warn=None, progress=None):
     """(audio (N, Da), audio_present (N,)) for frames at presentation `times` of `video`, its sound streamed.
 
     audio_present is True where a frame's middle falls on decoded sound. Sound lost to damaged packets
@@ -712,7 +754,7 @@ def frame_audio(w2v, video, times, cfg, audio_dim=1024, warn=None):
     centres = frame_centres(times)
     reader = AudioReader(video)
     audio = stream_frame_audio(w2v, reader, lambda: reader.start, centres, cfg.audio_layers, cfg.chunk_seconds,
-                               cfg.audio_window)
+                               cfg.audio_window, progress)
     if reader.lost_seconds:
         (warn or _warn)(f"{video}: {reader.lost_seconds:.2f} s of sound could not be decoded (damaged packets); "
                         "those frames have audio=0")
@@ -1063,6 +1105,13 @@ def people_features(video, encoder, w2v, detector, people=("left", "right"), cfg
     video = Path(video)
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
     encoder.to(device).eval()
+    stages = 1 + (boxes is None) + (w2v is not None)  # detection, crops and encoding, sound: one bar in frames
+    with tqdm(total=probe(video).frames * stages, desc=video.name, unit="frame", disable=not progress) as bar:
+        return _people_features(video, encoder, w2v, detector, people, cfg, device, cache_dir, audio_dim, boxes,
+                                bar)
+
+
+def _people_features(video, encoder, w2v, detector, people, cfg, device, cache_dir, audio_dim, boxes, bar):
     given = None
     if boxes is not None:  # the user's own boxes: no detection, no tracking
         given = read_boxes(boxes) if isinstance(boxes, (str, Path)) else boxes
@@ -1073,7 +1122,8 @@ def people_features(video, encoder, w2v, detector, people=("left", "right"), cfg
     else:
         if detector is None:
             raise EmoError("features from raw videos need a face detector or the faces' boxes")
-        faces = detect_video(video, detector, cfg.detect, cache_dir, progress)
+        bar.set_postfix_str("faces")
+        faces = detect_video(video, detector, cfg.detect, cache_dir, bar=bar)
         num_frames, times = len(faces.counts), faces.times
         detections = faces.per_frame()
         tracks = [choose_track(detections, num_frames, person, cfg.track) for person in people]
@@ -1086,18 +1136,27 @@ def people_features(video, encoder, w2v, detector, people=("left", "right"), cfg
     dim = encoder.backbone.cfg.hidden_size
     visual = [torch.zeros(num_frames, dim, device=device) for _ in people]
     batcher = _Encoder(encoder, device, cfg, visual)
+    stages = 1 + (given is None) + (w2v is not None)
+    bar.total, done = num_frames * stages, num_frames * (given is None)
+    bar.n = done
+    bar.set_postfix_str("crops")
     if any(p.any() for p in plans):  # else no second decoding pass
-        with tqdm(total=num_frames, desc=f"encode {video.name}", unit="frame", disable=not progress) as bar:
-            ahead = 1 + math.ceil(cfg.batch_frames / cfg.decode_batch)  # a whole encoder batch queued
-            for decoded, work in _prefetch(_encode_batches(video, plans, boxes, cfg, device), ahead):
-                for slot, index, crops in work:
-                    if isinstance(crops, tuple):  # frames to crop on the GPU
-                        frames, box = (t.to(device, non_blocking=True) for t in crops)
-                        crops = crop_faces(frames, box, cfg.scales, cfg.crop_size, cfg.crop_resize)
-                    batcher.add(slot, index, crops)
-                bar.update(min(decoded, num_frames) - bar.n)
-            batcher.flush()
-    audio, present = frame_audio(w2v, video, times, cfg, audio_dim)
+        ahead = 1 + math.ceil(cfg.batch_frames / cfg.decode_batch)  # a whole encoder batch queued
+        for decoded, work in _prefetch(_encode_batches(video, plans, boxes, cfg, device), ahead):
+            for slot, index, crops in work:
+                if isinstance(crops, tuple):  # frames to crop on the GPU
+                    frames, box = (t.to(device, non_blocking=True) for t in crops)
+                    crops = crop_faces(frames, box, cfg.scales, cfg.crop_size, cfg.crop_resize)
+                batcher.add(slot, index, crops)
+            bar.update(done + min(decoded, num_frames) - bar.n)
+        batcher.flush()
+    done += num_frames
+    bar.n = done
+    bar.set_postfix_str("sound")
+    audio, present = frame_audio(w2v, video, times, cfg, audio_dim,
+                                 progress=lambda frames: bar.update(done + frames - bar.n))
+    bar.n = bar.total
+    bar.refresh()
     results = {}
     for person, box, f, d, plan, v in zip(people, boxes, face, detected, plans, visual):
         results[person] = FrameFeatures(visual=fill_rows(v.cpu(), plan, f), audio=audio, face=f,

