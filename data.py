@@ -27,7 +27,6 @@ import av
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchaudio.functional
 from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image
@@ -74,6 +73,10 @@ def _open(path):
 def _reason(error):
     text = getattr(error, "strerror", None) or str(error)
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def _undecodable(path, reason):
+    return EmoError(f"{path} cannot be decoded ({reason}); the file may be damaged, re-encode or download it again")
 
 
 def _video_stream(container, path):
@@ -124,8 +127,7 @@ def probe(path):
                          duration=duration, width=width, height=height, rotation=rotation,
                          has_audio=bool(container.streams.audio), start=start)
     except av.FFmpegError as e:
-        raise EmoError(f"{path} cannot be decoded ({_reason(e)}); the file may be damaged, "
-                       "re-encode or download it again") from None
+        raise _undecodable(path, _reason(e)) from None
     finally:
         container.close()
 
@@ -166,8 +168,7 @@ def iter_frames(path, batch_size=64, size=None):
         if decoded:
             yield _batch(_to_rgb(decoded, coded), times, rotation)
     except av.FFmpegError as e:
-        raise EmoError(f"{path} cannot be decoded ({_reason(e)}); the file may be damaged, "
-                       "re-encode or download it again") from None
+        raise _undecodable(path, _reason(e)) from None
     finally:
         container.close()
 
@@ -185,8 +186,7 @@ def _decode(container, stream, path):
         decoded += len(frames)
         yield from frames
     if damaged and not decoded:
-        raise EmoError(f"{path} cannot be decoded ({reason}); the file may be damaged, "
-                       "re-encode or download it again")
+        raise _undecodable(path, reason)
     if damaged:
         _warn(f"{path}: {damaged} damaged video packet(s) could not be decoded; their frames are missing")
 
@@ -220,8 +220,7 @@ def frame_presentation_times(path):
         times = [float(frame.time) if frame.time is not None else index / fps
                  for index, frame in enumerate(_decode(container, stream, path))]
     except av.FFmpegError as e:
-        raise EmoError(f"{path} cannot be decoded ({_reason(e)}); the file may be damaged, "
-                       "re-encode or download it again") from None
+        raise _undecodable(path, _reason(e)) from None
     finally:
         container.close()
     return torch.tensor(times, dtype=torch.float64)
@@ -348,24 +347,19 @@ def detector_size(width, height, cfg=DetectConfig()):
     return (max(1, round(width * scale)), max(1, round(height * scale))) if scale < 1.0 else (width, height)
 
 
-def detect_frames(detector, frames, cfg=DetectConfig(), scale=None):
-    """Faces in a batch of uint8 RGB frames (B, H, W, 3), boxes in the frames' own pixels. scale: the frames
-    are already scaled by this factor from the video's size (detector_size); boxes come in the video's pixels."""
-    frames = frames.to(next(detector.parameters()).device)  # on a GPU, scale the frames down there too
-    if scale is not None:
-        faces = detector.detect(frames, cfg.score_threshold, cfg.nms_iou, cfg.min_size * scale)
-        for face in faces:
-            face.boxes, face.landmarks = face.boxes / scale, face.landmarks / scale
-        return faces
+def detect_frames(detector, frames, cfg=DetectConfig(), scale=1.0):
+    """Faces in a batch of uint8 RGB frames (B, H, W, 3), boxes in the video's pixels. scale: how much the
+    frames were already scaled from the video's size (see detector_size); frames still larger than
+    cfg.max_side are scaled down here (on the detector's device)."""
+    frames = frames.to(next(detector.parameters()).device)
     height, width = frames.shape[1:3]
-    scale = min(1.0, cfg.max_side / max(height, width))
-    images = frames
-    if scale < 1.0:
-        size = (round(height * scale), round(width * scale))
-        images = F.interpolate(frames.permute(0, 3, 1, 2).float(), size=size, mode="bilinear", antialias=True)
-        images = images.round_().clamp_(0, 255).to(torch.uint8)
-    faces = detector.detect(images, cfg.score_threshold, cfg.nms_iou, cfg.min_size * scale)
-    if scale < 1.0:
+    if max(height, width) > cfg.max_side:
+        size = detector_size(width, height, cfg)
+        frames = F.interpolate(frames.permute(0, 3, 1, 2).float(), size=size[::-1], mode="bilinear", antialias=True)
+        frames = frames.round_().clamp_(0, 255).to(torch.uint8)  # (B, 3, h, w): detect takes either layout
+        scale *= size[0] / width
+    faces = detector.detect(frames, cfg.score_threshold, cfg.nms_iou, cfg.min_size * scale)
+    if scale != 1.0:
         for face in faces:
             face.boxes, face.landmarks = face.boxes / scale, face.landmarks / scale
     return faces
@@ -550,11 +544,11 @@ def crop_faces(frames, boxes, scales=(0.9, 1.2, 1.5), size=224, resize=256):
     side = (boxes[:, 2:] - boxes[:, :2]).amax(1)
     half = side[:, None] * torch.tensor(scales, dtype=side.dtype, device=side.device)[None] * (size / resize) / 2
     corners = torch.cat([(centre[:, None] - half[..., None]), (centre[:, None] + half[..., None])], 2)  # (B, S, 4)
+    low = (corners[..., :2].amin(1).floor() - 2).clamp_min(0)
+    high = torch.minimum(corners[..., 2:].amax(1).ceil() + 3, torch.tensor([width, height], device=corners.device))
+    regions = torch.cat([low, high], 1).int().tolist()  # one transfer from the GPU for the whole batch
     crops = []
-    for frame, rois in zip(frames, corners):
-        x1, y1 = (int(max(0, math.floor(float(rois[:, k].min())) - 2)) for k in (0, 1))
-        x2 = int(min(width, math.ceil(float(rois[:, 2].max())) + 3))
-        y2 = int(min(height, math.ceil(float(rois[:, 3].max())) + 3))
+    for frame, rois, (x1, y1, x2, y2) in zip(frames, corners, regions):
         if x2 <= x1 or y2 <= y1:  # every crop lies outside the frame: all zeros
             crops.append(frames.new_zeros((len(scales), 3, size, size), dtype=torch.float32))
             continue
@@ -1108,10 +1102,10 @@ def people_features(video, encoder, w2v, detector, people=("left", "right"), cfg
     stages = 1 + (boxes is None) + (w2v is not None)  # detection, crops and encoding, sound: one bar in frames
     with tqdm(total=probe(video).frames * stages, desc=video.name, unit="frame", disable=not progress) as bar:
         return _people_features(video, encoder, w2v, detector, people, cfg, device, cache_dir, audio_dim, boxes,
-                                bar)
+                                bar, stages)
 
 
-def _people_features(video, encoder, w2v, detector, people, cfg, device, cache_dir, audio_dim, boxes, bar):
+def _people_features(video, encoder, w2v, detector, people, cfg, device, cache_dir, audio_dim, boxes, bar, stages):
     given = None
     if boxes is not None:  # the user's own boxes: no detection, no tracking
         given = read_boxes(boxes) if isinstance(boxes, (str, Path)) else boxes
@@ -1136,8 +1130,7 @@ def _people_features(video, encoder, w2v, detector, people, cfg, device, cache_d
     dim = encoder.backbone.cfg.hidden_size
     visual = [torch.zeros(num_frames, dim, device=device) for _ in people]
     batcher = _Encoder(encoder, device, cfg, visual)
-    stages = 1 + (given is None) + (w2v is not None)
-    bar.total, done = num_frames * stages, num_frames * (given is None)
+    bar.total, done = num_frames * stages, num_frames * (given is None)  # the true frame count, now known
     bar.n = done
     bar.set_postfix_str("crops")
     if any(p.any() for p in plans):  # else no second decoding pass
