@@ -10,13 +10,13 @@ presentation times, and `AudioReader` the mono 16 kHz sound, each piece at its p
 on the same clock; `frame_audio` turns it into per-frame wav2vec 2.0 features as it streams.
 """
 import argparse
-import contextlib
 import hashlib
 import json
 import math
 import os
 import shutil
 import sys
+import collections
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -135,15 +135,14 @@ def probe(path):
 MAX_BATCH_BYTES = 64 << 20  # decoded RGB held per batch: a few 4K frames, many small ones
 
 
-def iter_frames(path, batch_size=64, size=None):
+def iter_frames(path, batch_size=64):
     """Yield (frames, times): uint8 (B, H, W, 3) RGB as displayed, float64 (B,) seconds.
 
     Frames come in presentation order, batch_size at a time but never more than MAX_BATCH_BYTES of
     RGB, so memory stays bounded in both the video's length and its frame size. Times are the frames'
     own presentation timestamps (true times for variable-frame-rate video), as the container stores
-    them (usually starting at 0). size: (width, height) as displayed to convert to, in the same step
-    as the colour conversion (FFmpeg's swscale, area-aware), e.g. the face detector's input; default
-    the first frame's size (a later frame of another size is scaled to it).
+    them (usually starting at 0). A frame whose size differs from the first frame's (rare mid-stream
+    changes) is scaled to the first frame's size.
     """
     if batch_size < 1:
         raise EmoError(f"batch_size must be at least 1, got {batch_size}")
@@ -151,22 +150,20 @@ def iter_frames(path, batch_size=64, size=None):
     try:
         stream = _video_stream(container, path)
         fps = float(stream.average_rate or 25)
-        coded = None
+        size = None
         decoded, times, rotation = [], [], 0
         for index, frame in enumerate(_decode(container, stream, path)):
-            if coded is None:
-                rotation = _rotation(frame, stream)
-                coded = (frame.width, frame.height) if size is None else \
-                    (tuple(size)[::-1] if rotation in (90, 270) else tuple(size))
-                batch_size = max(1, min(batch_size, MAX_BATCH_BYTES // (3 * coded[0] * coded[1])))
+            if size is None:
+                size, rotation = (frame.width, frame.height), _rotation(frame, stream)
+                batch_size = max(1, min(batch_size, MAX_BATCH_BYTES // (3 * size[0] * size[1])))
             decoded.append(frame)
             # frames without a timestamp (some broken AVIs) fall back to their index / fps
             times.append(float(frame.time) if frame.time is not None else index / fps)
             if len(decoded) == batch_size:
-                yield _batch(_to_rgb(decoded, coded), times, rotation)
+                yield _batch(_to_rgb(decoded, size), times, rotation)
                 decoded, times = [], []
         if decoded:
-            yield _batch(_to_rgb(decoded, coded), times, rotation)
+            yield _batch(_to_rgb(decoded, size), times, rotation)
     except av.FFmpegError as e:
         raise _undecodable(path, _reason(e)) from None
     finally:
@@ -347,69 +344,75 @@ def detector_size(width, height, cfg=DetectConfig()):
     return (max(1, round(width * scale)), max(1, round(height * scale))) if scale < 1.0 else (width, height)
 
 
-def detect_frames(detector, frames, cfg=DetectConfig(), scale=1.0):
-    """Faces in a batch of uint8 RGB frames (B, H, W, 3), boxes in the video's pixels. scale: how much the
-    frames were already scaled from the video's size (see detector_size); frames still larger than
-    cfg.max_side are scaled down here (on the detector's device)."""
+def detect_frames(detector, frames, cfg=DetectConfig()):
+    """Faces in a batch of uint8 RGB frames (B, H, W, 3), boxes in the frames' own pixels. Frames larger than
+    cfg.max_side are scaled down first (antialiased, on the detector's device)."""
     frames = frames.to(next(detector.parameters()).device)
     height, width = frames.shape[1:3]
-    if max(height, width) > cfg.max_side:
-        size = detector_size(width, height, cfg)
+    size = detector_size(width, height, cfg)
+    scale = size[0] / width
+    if scale < 1.0:
         frames = F.interpolate(frames.permute(0, 3, 1, 2).float(), size=size[::-1], mode="bilinear", antialias=True)
         frames = frames.round_().clamp_(0, 255).to(torch.uint8)  # (B, 3, h, w): detect takes either layout
-        scale *= size[0] / width
     faces = detector.detect(frames, cfg.score_threshold, cfg.nms_iou, cfg.min_size * scale)
-    if scale != 1.0:
+    if scale < 1.0:
         for face in faces:
             face.boxes, face.landmarks = face.boxes / scale, face.landmarks / scale
     return faces
 
 
-def detect_video(path, detector, cfg=DetectConfig(), cache_dir=None, progress=True, bar=None):
+def detect_video(path, detector, cfg=DetectConfig(), cache_dir=None, progress=True):
     """VideoFaces of a whole video, decoded and detected batch by batch.
 
     With cache_dir the result is kept in <cache_dir>/<video name>.faces.safetensors and reused
     while the video file (path, size, modification time), the detector's weights and cfg stay the
-    same; anything else rebuilds it. A damaged cache file is reported and rebuilt. bar: a tqdm bar to
-    advance by the frames detected, instead of one of its own.
+    same; anything else rebuilds it. A damaged cache file is reported and rebuilt.
     """
-    path = Path(path)
-    stat = path.stat() if path.is_file() else None
-    key = json.dumps({"video": str(path.resolve()), "size": stat and stat.st_size,
-                      "mtime_ns": stat and stat.st_mtime_ns, "detector": weights_fingerprint(detector),
-                      "settings": asdict(cfg)}, sort_keys=True)
-    cache = Path(cache_dir) / f"{path.name}.faces.safetensors" if cache_dir else None
+    cache, key = _faces_cache(path, detector, cfg, cache_dir)
     if cache is not None and cache.exists():
         cached = _read_faces_cache(cache, key)
         if cached is not None:
             return cached
-    info = probe(path)
-    size = detector_size(info.width, info.height, cfg)
-    scale = size[0] / info.width  # the frames are converted straight to the detector's size
     times, counts, boxes, scores, landmarks = [], [], [], [], []
-    with contextlib.ExitStack() as stack:
-        if bar is None:
-            bar = stack.enter_context(tqdm(total=info.frames, desc=f"faces {path.name}", unit="frame",
-                                           disable=not progress))
-        for frames, frame_times in _prefetch(iter_frames(path, cfg.batch_size, size)):
-            for face in detect_frames(detector, frames, cfg, scale):
+    with tqdm(total=probe(path).frames, desc=f"faces {Path(path).name}", unit="frame", disable=not progress) as bar:
+        for frames, frame_times in _prefetch(iter_frames(path, cfg.batch_size)):
+            for face in detect_frames(detector, frames, cfg):
                 counts.append(len(face.scores))
                 boxes.append(face.boxes.cpu())
                 scores.append(face.scores.cpu())
                 landmarks.append(face.landmarks.cpu())
             times.append(frame_times)
             bar.update(len(frames))
-    faces = VideoFaces(times=torch.cat(times) if times else torch.zeros(0, dtype=torch.float64),
-                       counts=torch.tensor(counts, dtype=torch.long),
-                       boxes=torch.cat(boxes) if boxes else torch.zeros(0, 4),
-                       scores=torch.cat(scores) if scores else torch.zeros(0),
-                       landmarks=torch.cat(landmarks) if landmarks else torch.zeros(0, 5, 2))
+    faces = video_faces(times, counts, boxes, scores, landmarks)
     if cache is not None:
-        from safetensors.torch import save_file
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(cache) as tmp:
-            save_file({k: v.contiguous() for k, v in asdict(faces).items()}, str(tmp), metadata={"key": key})
+        _write_faces_cache(cache, key, faces)
     return faces
+
+
+def video_faces(times, counts, boxes, scores, landmarks):
+    """VideoFaces from per-batch times and per-frame counts, boxes, scores and landmarks."""
+    return VideoFaces(times=torch.cat(times) if times else torch.zeros(0, dtype=torch.float64),
+                      counts=torch.tensor(counts, dtype=torch.long),
+                      boxes=torch.cat(boxes) if boxes else torch.zeros(0, 4),
+                      scores=torch.cat(scores) if scores else torch.zeros(0),
+                      landmarks=torch.cat(landmarks) if landmarks else torch.zeros(0, 5, 2))
+
+
+def _faces_cache(path, detector, cfg, cache_dir):
+    """(cache file or None, key): where a video's detections are cached and what they were made from."""
+    path = Path(path)
+    stat = path.stat() if path.is_file() else None
+    key = json.dumps({"video": str(path.resolve()), "size": stat and stat.st_size,
+                      "mtime_ns": stat and stat.st_mtime_ns, "detector": weights_fingerprint(detector),
+                      "settings": asdict(cfg)}, sort_keys=True)
+    return (Path(cache_dir) / f"{path.name}.faces.safetensors" if cache_dir else None), key
+
+
+def _write_faces_cache(cache, key, faces):
+    from safetensors.torch import save_file
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(cache) as tmp:
+        save_file({k: v.contiguous() for k, v in asdict(faces).items()}, str(tmp), metadata={"key": key})
 
 
 def _read_faces_cache(cache, key):
@@ -453,49 +456,77 @@ class FaceTrack:
     scores: torch.Tensor    # (frames,) detection score, 0 where not detected
 
 
-def link_tracks(detections, cfg=TrackConfig()):
-    """Chain per-frame detections into tracks by greedy IoU matching with the previous box.
+class Tracker:
+    """Chains per-frame detections into tracks, one frame at a time, by greedy IoU matching with each
+    live track's last box. tracks: one dict frame index -> (box, score) per track."""
 
-    detections: one (boxes (K, 4), scores (K,)) pair per frame. Returns a list of tracks, each a
-    dict frame index -> (box, score).
-    """
-    tracks, last_seen = [], []
-    for frame, (boxes, scores) in enumerate(detections):
-        alive = [t for t in range(len(tracks)) if frame - last_seen[t] <= cfg.max_gap + 1]
+    def __init__(self, cfg=TrackConfig()):
+        self.cfg, self.tracks, self.last_seen = cfg, [], []
+
+    def update(self, frame, boxes, scores):
+        """Add frame `frame`'s detections: boxes (K, 4), scores (K,)."""
+        alive = [t for t in range(len(self.tracks)) if frame - self.last_seen[t] <= self.cfg.max_gap + 1]
         unmatched = set(range(len(boxes)))
         if alive and len(boxes):
-            previous = torch.stack([tracks[t][last_seen[t]][0] for t in alive])
+            previous = torch.stack([self.tracks[t][self.last_seen[t]][0] for t in alive])
             overlap = box_iou(previous, boxes)
             for flat in overlap.flatten().argsort(descending=True).tolist():
                 row, col = divmod(flat, len(boxes))
-                if overlap[row, col] < cfg.iou_match:
+                if overlap[row, col] < self.cfg.iou_match:
                     break
-                if col in unmatched and last_seen[alive[row]] != frame:
-                    tracks[alive[row]][frame] = (boxes[col], float(scores[col]))
-                    last_seen[alive[row]] = frame
+                if col in unmatched and self.last_seen[alive[row]] != frame:
+                    self.tracks[alive[row]][frame] = (boxes[col], float(scores[col]))
+                    self.last_seen[alive[row]] = frame
                     unmatched.discard(col)
         for col in sorted(unmatched):
-            tracks.append({frame: (boxes[col], float(scores[col]))})
-            last_seen.append(frame)
-    return tracks
+            self.tracks.append({frame: (boxes[col], float(scores[col]))})
+            self.last_seen.append(frame)
 
 
-def choose_track(detections, num_frames, rule="largest", cfg=TrackConfig()):
-    """The target person's FaceTrack. rule: "largest" (biggest face over the video), "left" or
-    "right" (among the two most present people, the one further left/right, as in ABAW's
-    <video>_left / <video>_right annotation ids). None when no face was ever found."""
-    tracks = [t for t in link_tracks(detections, cfg) if len(t) >= cfg.min_track_fraction * num_frames]
+def link_tracks(detections, cfg=TrackConfig()):
+    """The Tracker's tracks over detections: one (boxes (K, 4), scores (K,)) pair per frame."""
+    tracker = Tracker(cfg)
+    for frame, (boxes, scores) in enumerate(detections):
+        tracker.update(frame, boxes, scores)
+    return tracker.tracks
+
+
+def pick_track(tracks, num_frames, rule="largest", cfg=TrackConfig()):
+    """The target person's track (one of `tracks`, as link_tracks gives them) or None when there is none.
+    rule: "largest" (biggest face over the video), "left" or "right" (among the two most present people,
+    the one further left/right, as in ABAW's <video>_left / <video>_right annotation ids). Tracks on
+    fewer than min_track_fraction of the frames are no candidates."""
+    if rule not in ("largest", "left", "right"):
+        raise EmoError(f"unknown person rule {rule!r}: use largest, left or right")
+    tracks = [t for t in tracks if len(t) >= cfg.min_track_fraction * num_frames]
     if not tracks:
         return None
     if rule == "largest":
-        target = max(tracks, key=lambda t: sum(float((b[2] - b[0]) * (b[3] - b[1])) for b, _ in t.values()))
-    elif rule in ("left", "right"):
-        pair = sorted(tracks, key=len, reverse=True)[:2]
-        centre_x = [sum(float(b[0] + b[2]) / 2 for b, _ in t.values()) / len(t) for t in pair]
-        target = pair[centre_x.index(min(centre_x) if rule == "left" else max(centre_x))]
-    else:
-        raise EmoError(f"unknown person rule {rule!r}: use largest, left or right")
-    return fill_and_smooth(target, num_frames, cfg)
+        return max(tracks, key=lambda t: sum(float((b[2] - b[0]) * (b[3] - b[1])) for b, _ in t.values()))
+    pair = sorted(tracks, key=len, reverse=True)[:2]
+    centre_x = [sum(float(b[0] + b[2]) / 2 for b, _ in t.values()) / len(t) for t in pair]
+    return pair[centre_x.index(min(centre_x) if rule == "left" else max(centre_x))]
+
+
+def choose_track(detections, num_frames, rule="largest", cfg=TrackConfig()):
+    """The target person's FaceTrack (see pick_track), filled and smoothed; None when no face was found."""
+    target = pick_track(link_tracks(detections, cfg), num_frames, rule, cfg)
+    return None if target is None else fill_and_smooth(target, num_frames, cfg)
+
+
+def track_lag(cfg=TrackConfig()):
+    """Frames after which a frame's filled and smoothed box is final: a gap is filled once the detection
+    that closes it (at most fill_gap frames on) is known, and smoothing reaches smooth // 2 frames further."""
+    return cfg.fill_gap + 1 + cfg.smooth // 2
+
+
+def final_boxes(track, first, last, cfg=TrackConfig()):
+    """fill_and_smooth's boxes of frames first..last-1 of a track, computed from the detections within
+    track_lag frames of them only: the same boxes as over the whole video, once those detections are in."""
+    lag = track_lag(cfg)
+    lo, hi = max(0, first - lag), last + lag
+    window = {f - lo: value for f, value in track.items() if lo <= f < hi}
+    return fill_and_smooth(window, hi - lo, cfg).boxes[first - lo:last - lo]
 
 
 def fill_and_smooth(track, num_frames, cfg=TrackConfig()):
@@ -1018,7 +1049,9 @@ def fill_rows(values, encoded, face):
     if len(missing):
         after = torch.searchsorted(known, missing).clamp(1, len(known) - 1)
         a, b = known[after - 1], known[after]
-        weight = ((missing - a).double() / (b - a).clamp(min=1).double()).to(values.dtype)[:, None]
+        # clamped: a face frame before the first encoded one (a track encoded only from its MIN_DETECTIONS-th
+        # detection on) takes the nearest encoded frame's features
+        weight = ((missing - a).double() / (b - a).clamp(min=1).double()).clamp(0, 1).to(values.dtype)[:, None]
         values[missing] = torch.lerp(values[a], values[b], weight)
     faces = torch.nonzero(face).flatten()
     empty = torch.nonzero(~face).flatten()
@@ -1031,8 +1064,9 @@ class _Encoder:
     """Gathers crops of many frames and all scales, and runs them through the encoder in batches of
     cfg.batch_frames frames; each frame's feature is the mean over its scales."""
 
-    def __init__(self, encoder, device, cfg, outputs):
-        self.encoder, self.device, self.cfg, self.outputs = encoder, device, cfg, outputs
+    def __init__(self, encoder, device, cfg):
+        self.encoder, self.device, self.cfg = encoder, device, cfg
+        self.outputs = {}  # slot -> [(frame indices, (n, D) features on the CPU)]
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 1, 3, 1, 1)
         self.pending, self.count = [], 0
@@ -1060,90 +1094,54 @@ class _Encoder:
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"):
             features = self.encoder.features(images)
         features = features.float().view(size, len(self.cfg.scales), -1).mean(1)
+        features = features.cpu()
         start = 0
         for slot, index, _ in take:
-            self.outputs[slot][index.to(self.device)] = features[start:start + len(index)]
+            self.outputs.setdefault(slot, []).append((index, features[start:start + len(index)]))
             start += len(index)
 
-
-def _encode_batches(video, plans, boxes, cfg, crop_on):
-    """Yield (frames decoded so far, [(slot, frame indices, crops)]) per decoded batch, for the planned
-    frames of each person (slot). Meant to run in a thread: crops are made there when crop_on is the
-    CPU; for a GPU the frames and boxes go out as they are, to be cropped there."""
-    start = 0
-    for frames, _ in iter_frames(video, cfg.decode_batch):
-        stop = start + len(frames)
-        work = []
-        for slot, plan in enumerate(plans):
-            index = torch.nonzero(plan[start:stop]).flatten() + start
-            if not len(index):
-                continue
-            selected = frames[index - start]
-            if crop_on.type == "cpu":
-                work.append((slot, index, crop_faces(selected, boxes[slot][index], cfg.scales, cfg.crop_size,
-                                                     cfg.crop_resize)))
-            else:
-                work.append((slot, index, (selected.pin_memory(), boxes[slot][index])))
-        yield stop, work
-        start = stop
+    def result(self, slot, num_frames, dim):
+        """(num_frames, dim) features of a slot, zeros where nothing was encoded, and the (num_frames,) bool
+        mask of the encoded frames."""
+        visual, encoded = torch.zeros(num_frames, dim), torch.zeros(num_frames, dtype=torch.bool)
+        for index, features in self.outputs.get(slot, ()):
+            visual[index], encoded[index] = features, True
+        return visual, encoded
 
 
 @torch.inference_mode()
 def people_features(video, encoder, w2v, detector, people=("left", "right"), cfg=FeatureConfig(), device=None,
                     cache_dir=None, progress=True, audio_dim=1024, boxes=None):
-    """{person: FrameFeatures} for several people of one video, with one detection pass, one decoding
-    pass for the crops and one audio pass. See video_features."""
+    """{person: FrameFeatures} for several people of one video, from one decoding pass over the frames and
+    one streamed pass over the sound. See video_features."""
     unknown = [p for p in people if p not in ("largest", "left", "right")]
     if unknown:
         raise EmoError(f"unknown person {unknown[0]!r}: use largest, left or right")
     video = Path(video)
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
     encoder.to(device).eval()
-    stages = 1 + (boxes is None) + (w2v is not None)  # detection, crops and encoding, sound: one bar in frames
+    stages = 1 + (w2v is not None)  # the pass over the frames, the pass over the sound: one bar in frames
     with tqdm(total=probe(video).frames * stages, desc=video.name, unit="frame", disable=not progress) as bar:
         return _people_features(video, encoder, w2v, detector, people, cfg, device, cache_dir, audio_dim, boxes,
                                 bar, stages)
 
 
+MIN_DETECTIONS = 3  # a track is encoded once it has this many detections: a one-frame false positive is not
+
+
 def _people_features(video, encoder, w2v, detector, people, cfg, device, cache_dir, audio_dim, boxes, bar, stages):
-    given = None
-    if boxes is not None:  # the user's own boxes: no detection, no tracking
-        given = read_boxes(boxes) if isinstance(boxes, (str, Path)) else boxes
-        source = str(boxes) if isinstance(boxes, (str, Path)) else "the given boxes"
-        times = frame_presentation_times(video)
-        num_frames = len(times)
-        boxes = [boxes_for(given, person, num_frames, source) for person in people]
+    """people_features after the set-up: one decoding pass for the faces, one streamed pass for the sound."""
+    dim = encoder.backbone.cfg.hidden_size
+    batcher = _Encoder(encoder, device, cfg)
+    bar.set_postfix_str("faces")
+    if boxes is not None:
+        num_frames, times, slots, tracks = _given_boxes_pass(video, boxes, people, cfg, batcher, bar)
     else:
         if detector is None:
             raise EmoError("features from raw videos need a face detector or the faces' boxes")
-        bar.set_postfix_str("faces")
-        faces = detect_video(video, detector, cfg.detect, cache_dir, bar=bar)
-        num_frames, times = len(faces.counts), faces.times
-        detections = faces.per_frame()
-        tracks = [choose_track(detections, num_frames, person, cfg.track) for person in people]
-        boxes = [track.boxes if track is not None else torch.full((num_frames, 4), float("nan"))
-                 for track in tracks]
-    face = [~box.isnan().any(1) for box in boxes]
-    detected = [track.detected if track is not None else torch.zeros(num_frames, dtype=torch.bool)
-                for track in tracks] if given is None else [f.clone() for f in face]
-    plans = [encode_plan(f, cfg.stride) for f in face]
-    dim = encoder.backbone.cfg.hidden_size
-    visual = [torch.zeros(num_frames, dim, device=device) for _ in people]
-    batcher = _Encoder(encoder, device, cfg, visual)
-    bar.total, done = num_frames * stages, num_frames * (given is None)  # the true frame count, now known
-    bar.n = done
-    bar.set_postfix_str("crops")
-    if any(p.any() for p in plans):  # else no second decoding pass
-        ahead = 1 + math.ceil(cfg.batch_frames / cfg.decode_batch)  # a whole encoder batch queued
-        for decoded, work in _prefetch(_encode_batches(video, plans, boxes, cfg, device), ahead):
-            for slot, index, crops in work:
-                if isinstance(crops, tuple):  # frames to crop on the GPU
-                    frames, box = (t.to(device, non_blocking=True) for t in crops)
-                    crops = crop_faces(frames, box, cfg.scales, cfg.crop_size, cfg.crop_resize)
-                batcher.add(slot, index, crops)
-            bar.update(done + min(decoded, num_frames) - bar.n)
-        batcher.flush()
-    done += num_frames
+        num_frames, times, slots, tracks = _tracking_pass(video, detector, people, cfg, cache_dir, batcher, bar)
+    batcher.flush()
+    bar.total, done = num_frames * stages, num_frames  # the true frame count, now known
     bar.n = done
     bar.set_postfix_str("sound")
     audio, present = frame_audio(w2v, video, times, cfg, audio_dim,
@@ -1151,20 +1149,124 @@ def _people_features(video, encoder, w2v, detector, people, cfg, device, cache_d
     bar.n = bar.total
     bar.refresh()
     results = {}
-    for person, box, f, d, plan, v in zip(people, boxes, face, detected, plans, visual):
-        results[person] = FrameFeatures(visual=fill_rows(v.cpu(), plan, f), audio=audio, face=f,
-                                        audio_present=present, times=times, boxes=box, detected=d)
+    for person, slot, track in zip(people, slots, tracks):
+        visual, encoded = batcher.result(slot, num_frames, dim)
+        face = ~track.boxes.isnan().any(1)
+        results[person] = FrameFeatures(visual=fill_rows(visual, encoded, face), audio=audio, face=face,
+                                        audio_present=present, times=times, boxes=track.boxes,
+                                        detected=track.detected)
     return results
+
+
+def _tracking_pass(video, detector, people, cfg, cache_dir, batcher, bar):
+    """Decode once: detect each batch (or read the cached detections), link tracks as the frames come,
+    and once a frame is track_lag frames old, when every track's filled and smoothed box on it is final,
+    crop and encode it for each track that has MIN_DETECTIONS detections. Only those frames are held.
+    At the end each person's track is chosen over the whole video (pick_track) and its features kept.
+    Returns (frames, times, [slot], [FaceTrack]) per person."""
+    lag, stride = track_lag(cfg.track), cfg.stride
+    cache, key = _faces_cache(video, detector, cfg.detect, cache_dir)
+    cached = _read_faces_cache(cache, key) if cache is not None and cache.exists() else None
+    per_frame = cached.per_frame() if cached is not None else None
+    tracker = Tracker(cfg.track)
+    held = collections.deque()  # (frame index, uint8 frame) not yet final
+    run = {}                    # track -> position of the next frame in its current run of boxes
+    times, counts, found_boxes, found_scores, found_landmarks = [], [], [], [], []
+
+    def encode_final(upto):
+        """Crop and encode the held frames before `upto` (frame upto's boxes are final too)."""
+        taken = []
+        while held and held[0][0] < upto:
+            taken.append(held.popleft())
+        if not taken:
+            return
+        first = taken[0][0]
+        frames = torch.stack([frame for _, frame in taken])
+        for t, track in enumerate(tracker.tracks):
+            if len(track) < MIN_DETECTIONS or tracker.last_seen[t] < first - lag:
+                continue
+            known = ~final_boxes(track, first, upto + 1, cfg.track).isnan().any(1)
+            boxes = final_boxes(track, first, upto, cfg.track)
+            plan = []
+            for i in range(len(taken)):
+                if not known[i]:
+                    run[t] = 0
+                    continue
+                if run.get(t, 0) % stride == 0 or not known[i + 1]:  # every stride-th frame of a run, and its last
+                    plan.append(i)
+                run[t] = run.get(t, 0) + 1
+            if plan:
+                plan = torch.tensor(plan)
+                batcher.add(t, plan + first, crop_faces(frames[plan], boxes[plan], cfg.scales, cfg.crop_size,
+                                                        cfg.crop_resize))
+
+    processed = 0
+    for frames, frame_times in _prefetch(iter_frames(video, cfg.decode_batch)):
+        if per_frame is not None:
+            for offset, (boxes, scores) in enumerate(per_frame[processed:processed + len(frames)]):
+                tracker.update(processed + offset, boxes, scores)
+        else:
+            for offset, face in enumerate(detect_frames(detector, frames, cfg.detect)):
+                boxes, scores = face.boxes.cpu(), face.scores.cpu()
+                tracker.update(processed + offset, boxes, scores)
+                counts.append(len(scores))
+                found_boxes.append(boxes)
+                found_scores.append(scores)
+                found_landmarks.append(face.landmarks.cpu())
+        held.extend(zip(range(processed, processed + len(frames)), frames))
+        processed += len(frames)
+        times.append(frame_times)
+        encode_final(processed - lag)
+        bar.update(min(processed, bar.total) - bar.n)
+    encode_final(processed)
+    if cached is None and cache is not None:
+        _write_faces_cache(cache, key, video_faces(times, counts, found_boxes, found_scores, found_landmarks))
+    times = torch.cat(times) if times else torch.zeros(0, dtype=torch.float64)
+    slots, tracks = [], []
+    for person in people:
+        target = pick_track(tracker.tracks, processed, person, cfg.track)
+        slots.append(next((t for t, track in enumerate(tracker.tracks) if track is target), None))
+        tracks.append(fill_and_smooth(target or {}, processed, cfg.track))
+    return processed, times, slots, tracks
+
+
+def _given_boxes_pass(video, boxes, people, cfg, batcher, bar):
+    """Decode once with the user's own boxes: crop and encode the planned frames of each person as they come.
+    Returns (frames, times, [slot], [FaceTrack]) per person."""
+    given = read_boxes(boxes) if isinstance(boxes, (str, Path)) else boxes
+    source = str(boxes) if isinstance(boxes, (str, Path)) else "the given boxes"
+    num_frames = len(next(iter(given.values()))) if given else 0
+    chosen = [boxes_for(given, person, num_frames, source) for person in people]
+    plans = [encode_plan(~b.isnan().any(1), cfg.stride) for b in chosen]
+    times, start = [], 0
+    for frames, frame_times in _prefetch(iter_frames(video, cfg.decode_batch)):
+        stop = start + len(frames)
+        for slot, (plan, box) in enumerate(zip(plans, chosen)):
+            index = torch.nonzero(plan[start:stop]).flatten() + start
+            if len(index):
+                batcher.add(slot, index, crop_faces(frames[index - start], box[index], cfg.scales, cfg.crop_size,
+                                                    cfg.crop_resize))
+        times.append(frame_times)
+        start = stop
+        bar.update(min(start, bar.total) - bar.n)
+    if start != num_frames:
+        raise EmoError(f"{source} have {num_frames} boxes for the {people[0]} person but the video has {start} "
+                       "frames; give one box (or null) per frame")
+    times = torch.cat(times) if times else torch.zeros(0, dtype=torch.float64)
+    tracks = [FaceTrack(boxes=b, detected=~b.isnan().any(1), scores=(~b.isnan().any(1)).float()) for b in chosen]
+    return num_frames, times, list(range(len(people))), tracks
 
 
 def video_features(video, encoder, w2v, detector, person="largest", cfg=FeatureConfig(), device=None,
                    cache_dir=None, progress=True, audio_dim=1024, boxes=None):
     """FrameFeatures of one person (largest | left | right) in a video: the fast path, for infer.py too.
 
-    Faces are detected (cached in cache_dir when given), tracked and the person's track chosen; then
-    a second decoding pass, in a background thread, feeds the crops at every scale of cfg.batch_frames
-    frames at a time through the encoder (bf16 autocast on CUDA, fp32 on CPU). Memory stays bounded:
-    frames stream, only the per-frame features are kept. With cfg.stride N only every N-th face frame
+    The video is decoded once, in a background thread. Faces are detected (cached in cache_dir when
+    given) and linked into tracks as the frames come; a frame is cropped at every scale, for every
+    track seen MIN_DETECTIONS times, once its boxes are final (track_lag frames later), and the crops
+    of cfg.batch_frames frames at a time go through the encoder (bf16 autocast on CUDA, fp32 on CPU).
+    At the end the person's track is chosen over the whole video and its features kept. Memory stays
+    bounded: only the last track_lag frames and the per-frame features of each track are held. With cfg.stride N only every N-th face frame
     is encoded and the rows between are interpolated. w2v None (or a silent video): audio zeros of
     audio_dim, audio_present False. The encoder is moved to `device` (default: where it is).
 

@@ -391,3 +391,19 @@ def test_prefetch_stops_early_and_passes_errors_on():
 
     with pytest.raises(EmoError, match="the file broke"):
         list(data._prefetch(broken()))
+
+
+def test_each_video_is_decoded_once(setup, monkeypatch, tmp_path):
+    passes = []
+    decode = data._decode
+    monkeypatch.setattr(data, "_decode", lambda *args: passes.append(args[2]) or decode(*args))
+    video = setup["videos"] / "batch2" / "pair.mp4"
+    found = data.people_features(video, setup["model"], setup["w2v"], setup["detector"], ("left", "right"), CFG,
+                                 cache_dir=tmp_path / "faces", progress=False)
+    assert len(passes) == 1 and len(found["left"]) == len(found["right"]) == 10
+    boxes = {"left": found["left"].boxes, "right": found["right"].boxes}
+    again = data.people_features(video, setup["model"], setup["w2v"], None, ("left", "right"), CFG, boxes=boxes,
+                                 progress=False)
+    assert len(passes) == 2  # the user's own boxes: one pass too
+    for person in ("left", "right"):
+        assert (again[person].visual - found[person].visual).abs().max() <= 1e-5  # batched differently

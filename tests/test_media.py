@@ -191,3 +191,22 @@ def test_track_and_crop_a_video(tmp_path, detector):
     indices, crops = zip(*iter_face_crops(video, boxes, batch_size=4))
     assert torch.cat(indices).tolist() == [0, 1, 3, 4, 5]
     assert torch.cat(crops).shape == (5, 3, 3, 224, 224)
+
+
+def test_final_boxes_equal_the_whole_video_ones():
+    # What the one-pass pipeline crops: each frame's box from the detections within track_lag frames of it
+    # only, equal to fill_and_smooth over the whole video, for tracks with gaps short and long.
+    from data import fill_and_smooth, final_boxes, track_lag
+    rng = np.random.default_rng(0)
+    for cfg in (TrackConfig(), TrackConfig(fill_gap=3, smooth=1), TrackConfig(fill_gap=0, smooth=7)):
+        for _ in range(5):
+            n = 300
+            seen = np.flatnonzero(np.repeat(rng.random(n // 10) < 0.7, 10) & (rng.random(n) < 0.8))
+            track = {int(f): (torch.tensor([f * 0.5, 20.0, f * 0.5 + 40 + f % 7, 70.0]), 0.9) for f in seen}
+            whole = fill_and_smooth(track, n, cfg).boxes
+            for first in range(0, n, 37):
+                last = min(first + 37, n)
+                window = final_boxes(track, first, last, cfg)
+                assert torch.equal(window.isnan(), whole[first:last].isnan())
+                assert torch.allclose(window.nan_to_num(), whole[first:last].nan_to_num(), atol=1e-4)
+    assert track_lag(TrackConfig()) == 12 + 1 + 2
