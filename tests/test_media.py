@@ -210,3 +210,18 @@ def test_final_boxes_equal_the_whole_video_ones():
                 assert torch.equal(window.isnan(), whole[first:last].isnan())
                 assert torch.allclose(window.nan_to_num(), whole[first:last].nan_to_num(), atol=1e-4)
     assert track_lag(TrackConfig()) == 12 + 1 + 2
+
+
+def test_small_crops_of_a_large_face_stay_close_to_the_direct_roi_align():
+    # crop_faces averages k x k blocks before roi_align when a crop spans many pixels per output pixel
+    from PIL import Image
+    from skimage.data import astronaut
+    from torchvision.ops import roi_align
+    frame = torch.from_numpy(np.array(Image.fromarray(astronaut()).resize((1280, 1280))))[None, :720].contiguous()
+    box = torch.tensor([[400.0, 100.0, 976.0, 676.0]])
+    for size, resize, bound in ((42, 48, 0.06), (224, 256, 1e-5)):
+        half = 576 * torch.tensor([0.9, 1.2, 1.5]) * size / resize / 2
+        rois = torch.stack([torch.zeros(3), 688 - half, 388 - half, 688 + half, 388 + half], 1)
+        direct = roi_align(frame.permute(0, 3, 1, 2).float() / 255, rois, size, 1.0, 0, True)
+        diff = (crop_faces(frame, box, size=size, resize=resize)[0] - direct).abs()
+        assert diff.max() <= bound and diff.mean() <= bound / 10
