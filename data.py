@@ -213,8 +213,12 @@ def to_rgb(frames, size, rotation=0):
     global _converters
     if _converters is None:
         _converters = ThreadPoolExecutor(max(1, min(8, (os.cpu_count() or 1))), thread_name_prefix="emo-rgb")
-    images = torch.from_numpy(np.stack(list(_converters.map(
-        lambda frame: frame.to_ndarray(width=size[0], height=size[1], format="rgb24"), frames))))
+    images = np.empty((len(frames), size[1], size[0], 3), np.uint8)  # filled in place: no second copy
+
+    def convert(i):
+        images[i] = frames[i].to_ndarray(width=size[0], height=size[1], format="rgb24")
+    list(_converters.map(convert, range(len(frames))))
+    images = torch.from_numpy(images)
     if rotation:
         images = torch.rot90(images, rotation // 90, dims=(1, 2)).contiguous()
     return images
@@ -1236,14 +1240,18 @@ def _tracking_pass(video, detector, people, cfg, cache_dir, batcher, bar):
             if plan:
                 plans[t] = (torch.tensor(plan), boxes[plan])
         needed = sorted({i for plan, _ in plans.values() for i in plan.tolist()})
-        if not needed:
-            return
-        images = to_rgb([taken[i][1] for i in needed], *geometry)
-        row = torch.full((len(taken),), -1, dtype=torch.long)
-        row[needed] = torch.arange(len(needed))
-        for t, (plan, boxes) in plans.items():
-            batcher.add(t, plan + first, crop_faces(images[row[plan]], boxes, cfg.scales, cfg.crop_size,
-                                                    cfg.crop_resize))
+        size, rotation = geometry
+        at_once = max(1, MAX_BATCH_BYTES // (3 * size[0] * size[1]))  # RGB converted at a time
+        for part in range(0, len(needed), at_once):
+            converted = needed[part:part + at_once]
+            images = to_rgb([taken[i][1] for i in converted], size, rotation)
+            row = torch.full((len(taken),), -1, dtype=torch.long)
+            row[converted] = torch.arange(len(converted))
+            for t, (plan, boxes) in plans.items():
+                mine = row[plan] >= 0
+                if mine.any():
+                    batcher.add(t, plan[mine] + first, crop_faces(images[row[plan[mine]]], boxes[mine], cfg.scales,
+                                                                  cfg.crop_size, cfg.crop_resize))
 
     processed = 0
     for frames, frame_times, size, rotation in _prefetch(iter_decoded(video, cfg.decode_batch)):

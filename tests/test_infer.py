@@ -507,6 +507,22 @@ def test_stride_keeps_one_row_per_frame(checkpoint, videos):
     assert check_prediction(p, videos["sound"]) == N
 
 
+def test_detecting_every_third_frame_keeps_the_tracks(checkpoint, predictor, videos):
+    # --detect-every 3: the detector looks at frames 0, 3, 6, ...; the tracker fills the boxes between, and
+    # the left and right people are the same tracks as with every frame detected
+    from torchvision.ops import box_iou
+    every = infer.Predictor.load(checkpoint, "cpu", detect_every=3)
+    assert every.feature_cfg.detect.every == 3 and predictor.feature_cfg.detect.every == 1
+    for all_frames, third in zip(infer.predict_video(videos["pair"], predictor, "all"),
+                                 infer.predict_video(videos["pair"], every, "all")):
+        assert all_frames.id == third.id
+        assert third.detected[::3].all() and not third.detected[1::3].any() and not third.detected[2::3].any()
+        assert third.face[:N - 1].all() and not third.face[N - 1]  # filled between detections (the last: N - 2)
+        both = third.face & all_frames.face
+        iou = box_iou(torch.from_numpy(all_frames.boxes[both]), torch.from_numpy(third.boxes[both])).diagonal()
+        assert iou.min() > 0.8
+
+
 def test_the_command_line_end_to_end(checkpoint, videos, tmp_path, capsys):
     # in this process (test_the_command_line_exits_with_2 runs the script itself): the same main, minus an
     # interpreter start-up
