@@ -491,29 +491,41 @@ class FaceTrack:
 
 class Tracker:
     """Chains per-frame detections into tracks, one frame at a time, by greedy IoU matching with each
-    live track's last box. tracks: one dict frame index -> (box, score) per track."""
+    live track's box: its last one, or that box moved on at the speed between its last two detections,
+    whichever overlaps more (a face moving fast between detections that are frames apart stays one track).
+    tracks: one dict frame index -> (box, score) per track."""
 
     def __init__(self, cfg=TrackConfig()):
-        self.cfg, self.tracks, self.last_seen = cfg, [], []
+        self.cfg, self.tracks, self.last_seen, self.seen_before = cfg, [], [], []
+
+    def _expected(self, alive, frame):
+        """(last boxes (T, 4), the same moved on to `frame` (T, 4)) of the live tracks."""
+        last = torch.stack([self.tracks[t][self.last_seen[t]][0] for t in alive])
+        before = torch.stack([self.tracks[t][self.seen_before[t]][0] for t in alive])
+        frames = torch.tensor([[self.last_seen[t], self.seen_before[t]] for t in alive], dtype=last.dtype)
+        speed = (last - before) / (frames[:, :1] - frames[:, 1:]).clamp_min(1)  # 0 for a single detection
+        return last, last + speed * (frame - frames[:, :1])
 
     def update(self, frame, boxes, scores):
         """Add frame `frame`'s detections: boxes (K, 4), scores (K,)."""
         alive = [t for t in range(len(self.tracks)) if frame - self.last_seen[t] <= self.cfg.max_gap + 1]
         unmatched = set(range(len(boxes)))
         if alive and len(boxes):
-            previous = torch.stack([self.tracks[t][self.last_seen[t]][0] for t in alive])
-            overlap = box_iou(previous, boxes)
+            last, moved = self._expected(alive, frame)
+            overlap = torch.maximum(box_iou(last, boxes), box_iou(moved, boxes))
             for flat in overlap.flatten().argsort(descending=True).tolist():
                 row, col = divmod(flat, len(boxes))
                 if overlap[row, col] < self.cfg.iou_match:
                     break
-                if col in unmatched and self.last_seen[alive[row]] != frame:
-                    self.tracks[alive[row]][frame] = (boxes[col], float(scores[col]))
-                    self.last_seen[alive[row]] = frame
+                t = alive[row]
+                if col in unmatched and self.last_seen[t] != frame:
+                    self.tracks[t][frame] = (boxes[col], float(scores[col]))
+                    self.seen_before[t], self.last_seen[t] = self.last_seen[t], frame
                     unmatched.discard(col)
         for col in sorted(unmatched):
             self.tracks.append({frame: (boxes[col], float(scores[col]))})
             self.last_seen.append(frame)
+            self.seen_before.append(frame)
 
 
 def link_tracks(detections, cfg=TrackConfig()):
@@ -526,6 +538,7 @@ def link_tracks(detections, cfg=TrackConfig()):
 
 def pick_track(tracks, num_frames, rule="largest", cfg=TrackConfig()):
     """The target person's track (one of `tracks`, as link_tracks gives them) or None when there is none.
+    num_frames: the frames the detector looked at.
     rule: "largest" (biggest face over the video), "left" or "right" (among the two most present people,
     the one further left/right, as in ABAW's <video>_left / <video>_right annotation ids). Tracks on
     fewer than min_track_fraction of the frames are no candidates."""
@@ -541,9 +554,10 @@ def pick_track(tracks, num_frames, rule="largest", cfg=TrackConfig()):
     return pair[centre_x.index(min(centre_x) if rule == "left" else max(centre_x))]
 
 
-def choose_track(detections, num_frames, rule="largest", cfg=TrackConfig()):
-    """The target person's FaceTrack (see pick_track), filled and smoothed; None when no face was found."""
-    target = pick_track(link_tracks(detections, cfg), num_frames, rule, cfg)
+def choose_track(detections, num_frames, rule="largest", cfg=TrackConfig(), every=1):
+    """The target person's FaceTrack (see pick_track), filled and smoothed; None when no face was found.
+    every: the detector looked at every this-many-th frame."""
+    target = pick_track(link_tracks(detections, cfg), len(range(0, num_frames, every)), rule, cfg)
     return None if target is None else fill_and_smooth(target, num_frames, cfg)
 
 
@@ -592,45 +606,103 @@ def fill_and_smooth(track, num_frames, cfg=TrackConfig()):
 
 # ------------------------------------------------------------------------- faces: multi-scale crops
 
+def _crop_geometry(boxes, scales, size, resize, width, height):
+    """The crops' squares (B, S, 4) and, per frame, [x1, y1, x2, y2, k]: the region they cover (plus a
+    2-pixel margin, so that bilinear sampling sees the same neighbours as on the whole frame) and the block
+    size k to average it over first (as large as keeps at least 4 frame pixels per output pixel)."""
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    side = (boxes[:, 2:] - boxes[:, :2]).amax(1)
+    half = side[:, None] * torch.tensor(scales, dtype=side.dtype, device=side.device)[None] * (size / resize) / 2
+    corners = torch.cat([(centre[:, None] - half[..., None]), (centre[:, None] + half[..., None])], 2)
+    low = (corners[..., :2].amin(1).floor() - 2).clamp_min(0)
+    high = torch.minimum(corners[..., 2:].amax(1).ceil() + 3, torch.tensor([width, height], device=corners.device))
+    smallest = (2 * half.amin(1) / (4 * size)).floor().clamp_min(1)
+    return corners, torch.cat([low, high, smallest[:, None]], 1).int().tolist()  # one transfer for the batch
+
+
+def _crop_region(region, rois, x1, y1, k, size):
+    """roi_align of one frame's crops `rois` (S, 4, frame pixels) from its region: float (3, h, w) in 0..1
+    whose top-left pixel is (x1, y1); None for an empty region (every crop outside the frame: zeros)."""
+    if region is None:
+        return torch.zeros(len(rois), 3, size, size, device=rois.device)
+    region = region[None]
+    if k > 1:  # averages k x k blocks as roi_align's own sampling would, at a fraction of the cost
+        region = F.avg_pool2d(region, k, ceil_mode=True)
+    shifted = rois - torch.tensor([x1, y1, x1, y1], dtype=rois.dtype, device=rois.device)
+    indexed = torch.cat([torch.zeros(len(rois), 1, dtype=rois.dtype, device=rois.device), shifted], 1)
+    return roi_align(region, indexed, output_size=size, spatial_scale=1 / k, sampling_ratio=0, aligned=True)
+
+
 def crop_faces(frames, boxes, scales=(0.9, 1.2, 1.5), size=224, resize=256):
     """Square face crops at several scales, for a batch of frames.
 
     frames: (B, H, W, 3) uint8 RGB; boxes: (B, 4) x1, y1, x2, y2. Each crop is a square of side
     max(w, h) * scale around the box centre, zero outside the frame, resized to `resize` and
     centre-cropped to `size` (the encoder's eval transform), i.e. the middle size/resize of it.
-    Only the region the crops cover (and a 2-pixel margin, so that bilinear sampling sees the same
-    neighbours as on the whole frame) is turned into floats, one roi_align call per frame. Where a crop
-    spans many frame pixels per output pixel, the region is first averaged over k x k blocks (k as large
-    as keeps at least 4 per output pixel), as roi_align's own sampling would average it, at a fraction
-    of the cost: on a 576 px face cropped to 42 px, within 0.0044 (1/255) of the direct crop at the 99th
-    percentile, 0.05 at most; a 224 px crop of it is unchanged.
+    Only the region the crops cover is turned into floats, one roi_align call per frame. Where a crop
+    spans many frame pixels per output pixel, the region is first averaged over k x k blocks: on a 576 px
+    face cropped to 42 px, within 0.0044 (1/255) of the direct crop at the 99th percentile, 0.05 at most;
+    a 224 px crop of it is unchanged.
     Returns (B, len(scales), 3, size, size) float in 0..1.
     """
     boxes = boxes.to(frames.device)
-    height, width = frames.shape[1:3]
-    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
-    side = (boxes[:, 2:] - boxes[:, :2]).amax(1)
-    half = side[:, None] * torch.tensor(scales, dtype=side.dtype, device=side.device)[None] * (size / resize) / 2
-    corners = torch.cat([(centre[:, None] - half[..., None]), (centre[:, None] + half[..., None])], 2)  # (B, S, 4)
-    low = (corners[..., :2].amin(1).floor() - 2).clamp_min(0)
-    high = torch.minimum(corners[..., 2:].amax(1).ceil() + 3, torch.tensor([width, height], device=corners.device))
-    smallest = (2 * half.amin(1) / (4 * size)).floor().clamp_min(1)  # the block size k per frame
-    regions = torch.cat([low, high, smallest[:, None]], 1).int().tolist()  # one transfer for the whole batch
+    corners, regions = _crop_geometry(boxes, scales, size, resize, frames.shape[2], frames.shape[1])
+    crops = [_crop_region(frame[y1:y2, x1:x2].permute(2, 0, 1).float().div_(255) if x2 > x1 and y2 > y1 else None,
+                          rois, x1, y1, k, size) for frame, rois, (x1, y1, x2, y2, k) in zip(frames, corners, regions)]
+    return torch.stack(crops) if crops else torch.zeros(0, len(scales), 3, size, size, device=frames.device)
+
+
+# Kr, Kb of the YUV -> RGB matrix swscale takes for a frame's colorspace tag (FFmpeg's AVColorSpace:
+# 1 BT.709, 4 FCC, 7 SMPTE 240M, 9/10 BT.2020); every other tag, unspecified included, is BT.601.
+YUV_WEIGHTS = {1: (0.2126, 0.0722), 4: (0.30, 0.11), 7: (0.212, 0.087), 9: (0.2627, 0.0593), 10: (0.2627, 0.0593)}
+
+
+def region_rgb(frame, x1, y1, x2, y2):
+    """float (3, y2 - y1, x2 - x1) RGB in 0..1 of a region of a decoded 8-bit 4:2:0 planar frame (yuv420p,
+    yuvj420p; coded pixels), converted here as swscale converts the whole frame (the frame's colorspace and
+    range, each chroma sample repeated over its 2 x 2 pixels: within 3/255 of it) without touching the rest."""
+    planes = [np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size) for plane in frame.planes]
+    luma = torch.from_numpy(planes[0][y1:y2, x1:x2]).float()
+    rows, cols = slice(y1 // 2, (y2 + 1) // 2), slice(x1 // 2, (x2 + 1) // 2)
+    chroma = torch.from_numpy(np.stack([planes[1][rows, cols], planes[2][rows, cols]])).float()
+    chroma = chroma.repeat_interleave(2, 1).repeat_interleave(2, 2)[:, y1 % 2:y1 % 2 + y2 - y1, x1 % 2:x1 % 2 + x2 - x1]
+    if frame.format.name == "yuvj420p" or frame.color_range == 2:  # full range (JPEG)
+        luma, chroma = luma / 255, (chroma - 128) / 255
+    else:
+        luma, chroma = (luma - 16) / 219, (chroma - 128) / 224
+    kr, kb = YUV_WEIGHTS.get(frame.colorspace, (0.299, 0.114))
+    red = luma + 2 * (1 - kr) * chroma[1]
+    blue = luma + 2 * (1 - kb) * chroma[0]
+    green = (luma - kr * red - kb * blue) / (1 - kr - kb)
+    return torch.stack([red, green, blue]).clamp_(0, 1)
+
+
+def _coded_region(x1, y1, x2, y2, size, rotation):
+    """The coded-pixel rectangle that shows as the displayed one after to_rgb's rotation."""
+    width, height = size
+    return {0: (x1, y1, x2, y2), 90: (width - y2, x1, width - y1, x2), 180: (width - x2, height - y2, width - x1,
+            height - y1), 270: (y1, height - x2, y2, height - x1)}[rotation]
+
+
+def crop_decoded(frames, boxes, size, rotation, scales=(0.9, 1.2, 1.5), crop_size=224, resize=256):
+    """crop_faces of decoded frames (iter_decoded's, coded `size`, display `rotation`): for 8-bit 4:2:0
+    frames of the stream's size only the crops' regions are converted to RGB (region_rgb); other frames
+    are converted whole (to_rgb). boxes: (B, 4) in displayed pixels. Returns (B, S, 3, crop_size, crop_size)."""
+    width, height = display_size(size, rotation)
+    corners, regions = _crop_geometry(boxes, scales, crop_size, resize, width, height)
+    direct = [f.format.name in ("yuv420p", "yuvj420p") and (f.width, f.height) == tuple(size) for f in frames]
+    whole = iter(to_rgb([f for f, d in zip(frames, direct) if not d], size, rotation)) if not all(direct) else None
     crops = []
-    for frame, rois, (x1, y1, x2, y2, k) in zip(frames, corners, regions):
-        if x2 <= x1 or y2 <= y1:  # every crop lies outside the frame: all zeros
-            crops.append(frames.new_zeros((len(scales), 3, size, size), dtype=torch.float32))
-            continue
-        region = frame[y1:y2, x1:x2].permute(2, 0, 1)[None].float().div_(255)
-        if k > 1:
-            region = F.avg_pool2d(region, k, ceil_mode=True)
-        shifted = rois - torch.tensor([x1, y1, x1, y1], dtype=rois.dtype, device=rois.device)
-        indexed = torch.cat([torch.zeros(len(scales), 1, dtype=rois.dtype, device=rois.device), shifted], 1)
-        crops.append(roi_align(region, indexed, output_size=size, spatial_scale=1 / k, sampling_ratio=0,
-                               aligned=True))
-    if not crops:
-        return torch.zeros(0, len(scales), 3, size, size, device=frames.device)
-    return torch.stack(crops)
+    for frame, fast, rois, (x1, y1, x2, y2, k) in zip(frames, direct, corners, regions):
+        region = None
+        if fast and x2 > x1 and y2 > y1:
+            region = torch.rot90(region_rgb(frame, *_coded_region(x1, y1, x2, y2, size, rotation)), rotation // 90,
+                                 dims=(1, 2))
+        elif not fast:
+            image = next(whole)
+            region = image[y1:y2, x1:x2].permute(2, 0, 1).float().div_(255) if x2 > x1 and y2 > y1 else None
+        crops.append(_crop_region(region, rois, x1, y1, k, crop_size))
+    return torch.stack(crops) if crops else torch.zeros(0, len(scales), 3, crop_size, crop_size)
 
 
 def iter_face_crops(path, boxes, scales=(0.9, 1.2, 1.5), size=224, resize=256, batch_size=32):
@@ -650,7 +722,7 @@ def track_video(path, detector, rule="largest", detect_cfg=DetectConfig(), track
                 cache_dir=None, progress=True):
     """(FaceTrack of the target person or None, frame times): detect (cached), link, choose, fill, smooth."""
     faces = detect_video(path, detector, detect_cfg, cache_dir, progress)
-    return choose_track(faces.per_frame(), len(faces.counts), rule, track_cfg), faces.times
+    return choose_track(faces.per_frame(), len(faces.counts), rule, track_cfg, detect_cfg.every), faces.times
 
 
 # ------------------------------------------------------------------------------- audio features
@@ -1239,19 +1311,13 @@ def _tracking_pass(video, detector, people, cfg, cache_dir, batcher, bar):
                 run[t] = run.get(t, 0) + 1
             if plan:
                 plans[t] = (torch.tensor(plan), boxes[plan])
-        needed = sorted({i for plan, _ in plans.values() for i in plan.tolist()})
         size, rotation = geometry
-        at_once = max(1, MAX_BATCH_BYTES // (3 * size[0] * size[1]))  # RGB converted at a time
-        for part in range(0, len(needed), at_once):
-            converted = needed[part:part + at_once]
-            images = to_rgb([taken[i][1] for i in converted], size, rotation)
-            row = torch.full((len(taken),), -1, dtype=torch.long)
-            row[converted] = torch.arange(len(converted))
-            for t, (plan, boxes) in plans.items():
-                mine = row[plan] >= 0
-                if mine.any():
-                    batcher.add(t, plan[mine] + first, crop_faces(images[row[plan[mine]]], boxes[mine], cfg.scales,
-                                                                  cfg.crop_size, cfg.crop_resize))
+        at_once = max(1, MAX_BATCH_BYTES // (3 * size[0] * size[1]))  # frames a crop_decoded call may convert whole
+        for t, (plan, boxes) in plans.items():
+            for part in range(0, len(plan), at_once):
+                index = plan[part:part + at_once]
+                batcher.add(t, index + first, crop_decoded([taken[i][1] for i in index.tolist()], boxes[part:part + at_once],
+                                                           size, rotation, cfg.scales, cfg.crop_size, cfg.crop_resize))
 
     processed = 0
     for frames, frame_times, size, rotation in _prefetch(iter_decoded(video, cfg.decode_batch)):
@@ -1278,7 +1344,7 @@ def _tracking_pass(video, detector, people, cfg, cache_dir, batcher, bar):
     times = torch.cat(times) if times else torch.zeros(0, dtype=torch.float64)
     slots, tracks = [], []
     for person in people:
-        target = pick_track(tracker.tracks, processed, person, cfg.track)
+        target = pick_track(tracker.tracks, len(range(0, processed, cfg.detect.every)), person, cfg.track)
         slots.append(next((t for t, track in enumerate(tracker.tracks) if track is target), None))
         tracks.append(fill_and_smooth(target or {}, processed, cfg.track))
     return processed, times, slots, tracks
@@ -1294,23 +1360,13 @@ def _given_boxes_pass(video, boxes, people, cfg, batcher, bar):
     plans = [encode_plan(~b.isnan().any(1), cfg.stride) for b in chosen]
     times, start = [], 0
     for frames, frame_times, size, rotation in _prefetch(iter_decoded(video, cfg.decode_batch)):
-        stop = start + len(frames)
-        wanted = torch.zeros(len(frames), dtype=torch.bool)
-        for plan in plans:  # a video longer than its boxes: an error below, once its length is known
-            section = plan[start:stop]
-            wanted[:len(section)] |= section
-        needed = torch.nonzero(wanted).flatten()
-        if len(needed):  # only the frames with a crop are converted to RGB
-            images = to_rgb([frames[i] for i in needed.tolist()], size, rotation)
-            row = torch.full((len(frames),), -1, dtype=torch.long)
-            row[needed] = torch.arange(len(needed))
-            for slot, (plan, box) in enumerate(zip(plans, chosen)):
-                index = torch.nonzero(plan[start:stop]).flatten() + start
-                if len(index):
-                    batcher.add(slot, index, crop_faces(images[row[index - start]], box[index], cfg.scales,
-                                                        cfg.crop_size, cfg.crop_resize))
-        times.append(frame_times)
-        start = stop
+        for slot, (plan, box) in enumerate(zip(plans, chosen)):
+            index = torch.nonzero(plan[start:start + len(frames)]).flatten()
+            if len(index):
+                batcher.add(slot, index + start, crop_decoded([frames[i] for i in index.tolist()], box[index + start],
+                                                              size, rotation, cfg.scales, cfg.crop_size, cfg.crop_resize))
+        times.append(frame_times)  # a video longer than its boxes: an error below, once its length is known
+        start += len(frames)
         bar.update(min(start, bar.total) - bar.n)
     if start != num_frames:
         raise EmoError(f"{source} have {num_frames} boxes for the {people[0]} person but the video has {start} "

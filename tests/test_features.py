@@ -72,10 +72,14 @@ def features(setup, name, person="largest", cfg=CFG, w2v=True):
 
 
 def direct_features(model, path, boxes, cfg=CFG):
-    """What the encoder gives on the crops of the frames with a box, made the plain way."""
-    frames = torch.cat([f for f, _ in data.iter_frames(path)])
+    """What the encoder gives on the crops of the frames with a box, made the plain way: all frames decoded,
+    then cropped (the colour conversion of the crops' regions only is checked in test_media)."""
+    frames, size, rotation = [], None, 0
+    for decoded, _, size, rotation in data.iter_decoded(path):
+        frames += decoded
     known = torch.nonzero(~boxes.isnan().any(1)).flatten()
-    crops = data.crop_faces(frames[known], boxes[known], cfg.scales, cfg.crop_size, cfg.crop_resize)
+    crops = data.crop_decoded([frames[i] for i in known.tolist()], boxes[known], size, rotation, cfg.scales,
+                              cfg.crop_size, cfg.crop_resize)
     mean = torch.tensor(data.IMAGENET_MEAN).view(1, 1, 3, 1, 1)
     std = torch.tensor(data.IMAGENET_STD).view(1, 1, 3, 1, 1)
     with torch.inference_mode():

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import hf_checkpoints as hf
-from data import (DetectConfig, TrackConfig, align_audio, audio_step_features, choose_track, crop_faces,
-                  detect_video, frame_times, iter_face_crops, iter_step_features, track_video, write_video)
+from data import (DetectConfig, TrackConfig, align_audio, audio_step_features, choose_track, crop_decoded,
+                  crop_faces, detect_video, frame_times, iter_face_crops, iter_step_features, link_tracks, track_video,
+                  write_video)
 from models import Wav2Vec2, normalize_waveform
 
 
@@ -108,6 +109,22 @@ def test_filling_never_reaches_past_a_track():
     assert torch.allclose(track.boxes[110:114], expected, atol=1e-5)
 
 
+def test_a_fast_face_seen_every_third_frame_stays_one_track():
+    # A 100 px face speeding up (40, 60, 70, 80 px between looks): its last box overlaps the next detection
+    # by less than iou_match from the second step on, the box moved on at its speed by far more.
+    nothing = (torch.zeros(0, 4), torch.zeros(0))
+    detections = [nothing] * 15
+    for look, x in enumerate([0, 40, 100, 170, 250]):
+        detections[3 * look] = (torch.tensor([[x, 50.0, x + 100.0, 150.0]]), torch.ones(1))
+    (track,) = link_tracks(detections)
+    assert sorted(track) == [0, 3, 6, 9, 12]
+    assert len(link_tracks([d for d in detections[:7]] + [nothing] * 30 + [detections[12]])) == 2  # far away later
+    cfg = TrackConfig(smooth=1, min_track_fraction=0.5)
+    assert choose_track(detections, 15, cfg=cfg) is None  # 5 detections in 15 frames...
+    found = choose_track(detections, 15, cfg=cfg, every=3)  # ...but in the 5 frames the detector looked at
+    assert torch.allclose(found.boxes[4], torch.tensor([60.0, 50.0, 160.0, 150.0]))
+
+
 def test_smoothing_keeps_a_still_box_and_calms_jitter():
     jitter = [(torch.tensor([[50 + (-2) ** (i % 2), 50, 90 + (-2) ** (i % 2), 90]], dtype=torch.float32),
                torch.tensor([0.9])) for i in range(40)]
@@ -135,6 +152,46 @@ def test_crop_geometry_inside_and_at_the_border():
     outside = crops[0, 1, 0] < 0.01                       # 1.5 x 40 = 60 px square centred on (20, 20)
     assert abs(outside.float().mean().item() - (1 - (50 / 60) ** 2)) < 0.03
     assert outside[0, 0] and not outside[-1, -1]
+
+
+def decoded_frames(format, colorspace=2, color_range=0, size=(322, 242), count=3):
+    """Frames as a decoder gives them: smooth colour gradients with noise, in `format`, tagged."""
+    import av
+    width, height = size
+    y, x = np.mgrid[0:height, 0:width]
+    rng = np.random.default_rng(0)
+    frames = []
+    for i in range(count):
+        rgb = np.stack([x * 255 // width, y * 255 // height, (x + y + 40 * i) % 256], -1)
+        rgb = np.clip(rgb + rng.integers(-40, 40, rgb.shape), 0, 255).astype(np.uint8)
+        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format=format)
+        frame.colorspace, frame.color_range = colorspace, color_range
+        frames.append(frame)
+    return frames
+
+
+@pytest.mark.parametrize("format, colorspace, color_range", [("yuv420p", 2, 0), ("yuv420p", 1, 1),
+                                                             ("yuvj420p", 5, 2), ("yuv444p", 1, 1)])
+def test_crops_of_decoded_frames_convert_only_their_region_as_swscale_would(format, colorspace, color_range):
+    from data import region_rgb, to_rgb
+    frames = decoded_frames(format, colorspace, color_range)
+    size = (frames[0].width, frames[0].height)
+    whole = to_rgb(frames, size)  # FFmpeg's swscale on the whole frame: the reference
+    if format == "yuv420p":
+        for x1, y1, x2, y2 in [(0, 0, 322, 242), (17, 9, 140, 101), (300, 200, 322, 242)]:
+            region = region_rgb(frames[0], x1, y1, x2, y2)
+            expected = whole[0, y1:y2, x1:x2].permute(2, 0, 1).float() / 255
+            assert region.shape == expected.shape and (region - expected).abs().max() <= 3 / 255
+    boxes = torch.tensor([[40.5, 30.2, 140.0, 150.7], [-20.0, -10.0, 60.0, 70.0], [250.0, 180.0, 330.0, 250.0]])
+    for rotation in (0, 90, 180, 270):
+        shown = to_rgb(frames, size, rotation)
+        expected = crop_faces(shown, boxes, (0.9, 1.5), 32, 36)
+        got = crop_decoded(frames, boxes, size, rotation, (0.9, 1.5), 32, 36)
+        assert got.shape == expected.shape == (3, 2, 3, 32, 32)
+        if format in ("yuv420p", "yuvj420p"):  # its own conversion: within swscale's rounding
+            assert (got - expected).abs().max() <= 3 / 255 and (got - expected).abs().mean() <= 1 / 255
+        else:  # other formats are converted whole by swscale
+            assert torch.equal(got, expected)
 
 
 def test_audio_step_timing_comes_from_the_convolutions(tiny_w2v):
