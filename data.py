@@ -1,8 +1,7 @@
 """Video and audio decoding, face tracks and crops, frame-aligned audio features, Stage II per-frame
-features (video_features, extract_features), and a synthetic dataset in the real ABAW / Aff-Wild2 layouts.
+features (video_features, extract_features), and Stage I's image datasets.
 
     python data.py probe VIDEO              # fps, frame count, size, rotation, audio: as JSON
-    python data.py synth OUT --seed 0       # a small seeded dataset: videos, annotations, crops, images
 
 Decoding streams through PyAV, so memory stays bounded whatever the video's length and size:
 `iter_frames` yields batches of RGB frames (display rotation applied) with their true
@@ -10,12 +9,10 @@ presentation times, and `AudioReader` the mono 16 kHz sound, each piece at its p
 on the same clock; `frame_audio` turns it into per-frame wav2vec 2.0 features as it streams.
 """
 import argparse
-import dataclasses
 import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import collections
 from collections.abc import Mapping
@@ -28,7 +25,7 @@ import av
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.ops import box_iou, roi_align
@@ -36,8 +33,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor, to_pil_image
 from tqdm import tqdm
 
-from emo import CLASSES, IGNORE_LABEL, EmoError, atomic_path, run, save_json
-from models import Faces, normalize_waveform
+from models import (CLASSES, IGNORE_LABEL, EmoError, Faces, atomic_path, first_line, load_encoder, normalize_waveform,
+                    read_json, run)
 
 SAMPLE_RATE = 16000  # what wav2vec 2.0 expects
 ABAW_HEADER = ",".join(CLASSES)
@@ -67,13 +64,8 @@ def _open(path):
     try:
         return av.open(str(path))
     except av.FFmpegError as e:
-        raise EmoError(f"{path} is not a readable video ({_reason(e)}); "
+        raise EmoError(f"{path} is not a readable video ({first_line(e)}); "
                        "check that the file is complete, or re-encode it (e.g. to H.264 .mp4)") from None
-
-
-def _reason(error):
-    text = getattr(error, "strerror", None) or str(error)
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _undecodable(path, reason):
@@ -128,7 +120,7 @@ def probe(path):
                          duration=duration, width=width, height=height, rotation=rotation,
                          has_audio=bool(container.streams.audio), start=start)
     except av.FFmpegError as e:
-        raise _undecodable(path, _reason(e)) from None
+        raise _undecodable(path, first_line(e)) from None
     finally:
         container.close()
 
@@ -162,7 +154,7 @@ def iter_decoded(path, batch_size=64):
         if decoded:
             yield decoded, torch.tensor(times, dtype=torch.float64), size, rotation
     except av.FFmpegError as e:
-        raise _undecodable(path, _reason(e)) from None
+        raise _undecodable(path, first_line(e)) from None
     finally:
         container.close()
 
@@ -193,7 +185,7 @@ def _decode(container, stream, path):
         try:
             frames = packet.decode()
         except av.FFmpegError as e:
-            damaged, reason = damaged + 1, reason or _reason(e)
+            damaged, reason = damaged + 1, reason or first_line(e)
             continue
         decoded += len(frames)
         yield from frames
@@ -233,7 +225,7 @@ def frame_presentation_times(path):
         times = [float(frame.time) if frame.time is not None else index / fps
                  for index, frame in enumerate(_decode(container, stream, path))]
     except av.FFmpegError as e:
-        raise _undecodable(path, _reason(e)) from None
+        raise _undecodable(path, first_line(e)) from None
     finally:
         container.close()
     return torch.tensor(times, dtype=torch.float64)
@@ -284,7 +276,7 @@ class AudioReader:
                     yield from self._place(mono.resample(frame))
             yield from self._place(mono.resample(None))
         except av.FFmpegError as e:
-            raise EmoError(f"{self.path}: the audio track cannot be read ({_reason(e)}); "
+            raise EmoError(f"{self.path}: the audio track cannot be read ({first_line(e)}); "
                            "re-encode the file or download it again") from None
         finally:
             container.close()
@@ -326,6 +318,75 @@ def read_audio(path, sample_rate=SAMPLE_RATE):
     blocks = list(reader)
     wave = torch.from_numpy(np.concatenate(blocks)) if blocks else torch.zeros(0, dtype=torch.float32)
     return wave, bool(reader.has_audio)
+
+
+# ------------------------------------------------------------------------------- writing video
+
+def yuv420p_frame(rgb):
+    """An (H, W, 3) uint8 RGB image (even H, W) as a yuv420p VideoFrame: BT.601 limited range, chroma the
+    mean of each 2x2 block, every byte of the planes written, line padding included.
+
+    Converting here instead of in FFmpeg keeps the synthetic videos identical on every machine: with
+    PyAV 18's FFmpeg, rgb24 -> yuv420p in swscale gave different pixels from run to run on AVX-512 CPUs
+    (the same seed, the same process), while x264 itself is deterministic at one thread.
+    """
+    height, width, _ = rgb.shape
+    if height % 2 or width % 2:
+        raise EmoError(f"synthetic video frames need an even size, got {width}x{height}")
+    r, g, b = (rgb[..., c].astype(np.int32) for c in range(3))
+    y = (66 * r + 129 * g + 25 * b + 128 >> 8) + 16
+    u = (-38 * r - 74 * g + 112 * b + 128 >> 8) + 128
+    v = (112 * r - 94 * g - 18 * b + 128 >> 8) + 128
+    u, v = ((c.reshape(height // 2, 2, width // 2, 2).sum((1, 3)) + 2) // 4 for c in (u, v))
+    frame = av.VideoFrame(width, height, "yuv420p")
+    for plane, values in zip(frame.planes, (y, u, v)):
+        rows = np.zeros((plane.buffer_size // plane.line_size, plane.line_size), np.uint8)
+        rows[:values.shape[0], :values.shape[1]] = np.clip(values, 0, 255)
+        plane.update(rows)
+    return frame
+
+
+def write_video(path, frames, fps, audio, sample_rate, container_format):
+    """Encode frames (and mono audio, if given) with PyAV: H.264 + AAC in .mp4, MPEG-4 + PCM in .avi."""
+    n, H, W, _ = frames.shape
+    with atomic_path(path) as tmp, av.open(str(tmp), "w", format=container_format) as out:
+        if container_format == "mp4":
+            video = out.add_stream("libx264", rate=fps, options={"crf": "20", "preset": "veryfast"})
+        else:
+            video = out.add_stream("mpeg4", rate=fps)
+            video.bit_rate = 1_500_000
+        video.width, video.height, video.pix_fmt = W, H, "yuv420p"
+        video.codec_context.thread_count = 1  # deterministic output
+        sound = None
+        if audio is not None:
+            if container_format == "mp4":
+                sound = out.add_stream("aac", rate=sample_rate, layout="stereo")
+            else:
+                sound = out.add_stream("pcm_s16le", rate=sample_rate, layout="mono")
+        for i in range(n):
+            frame = yuv420p_frame(frames[i])
+            frame.pts = i
+            for packet in video.encode(frame):
+                out.mux(packet)
+        for packet in video.encode():
+            out.mux(packet)
+        if sound is not None:
+            chunk = 1024
+            for start in range(0, len(audio), chunk):
+                piece = audio[start:start + chunk]
+                if container_format == "mp4":  # stereo, so read_audio has channels to mix
+                    array = np.stack([piece, piece]).astype(np.float32)
+                    frame = av.AudioFrame.from_ndarray(array, format="fltp", layout="stereo")
+                else:
+                    array = (np.clip(piece, -1, 1) * 32767).astype(np.int16)[None]
+                    frame = av.AudioFrame.from_ndarray(array, format="s16", layout="mono")
+                frame.sample_rate = sample_rate
+                frame.pts = start
+                frame.time_base = Fraction(1, sample_rate)
+                for packet in sound.encode(frame):
+                    out.mux(packet)
+            for packet in sound.encode():
+                out.mux(packet)
 
 
 # --------------------------------------------------------------------------- faces: detection
@@ -542,7 +603,7 @@ def pick_track(tracks, num_frames, rule="largest", cfg=TrackConfig()):
     rule: "largest" (biggest face over the video), "left" or "right" (among the two most present people,
     the one further left/right, as in ABAW's <video>_left / <video>_right annotation ids). Tracks on
     fewer than min_track_fraction of the frames are no candidates."""
-    if rule not in ("largest", "left", "right"):
+    if rule not in PEOPLE:
         raise EmoError(f"unknown person rule {rule!r}: use largest, left or right")
     tracks = [t for t in tracks if len(t) >= cfg.min_track_fraction * num_frames]
     if not tracks:
@@ -905,11 +966,368 @@ def _warn(text):
     tqdm.write(f"warning: {text}", file=sys.stderr)
 
 
+# ------------------------------------------------------- Stage I: image datasets and transforms
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+AFFECTNET_TO_CLASS = (0, 4, 5, 6, 3, 2, 1, 7)  # AffectNet code -> emo class
+RAFDB_TO_CLASS = {1: 6, 2: 3, 3: 2, 4: 4, 5: 5, 6: 1, 7: 0}  # RAF-DB 1..7 -> emo class
+RAFDB_LIST = Path("EmoLabel") / "list_patition_label.txt"  # sic: RAF-DB's own spelling
+PAD_SIDES = {"left": ("left",), "right": ("right",), "top": ("top",), "bottom": ("bottom",),
+             "top-left": ("top", "left"), "top-right": ("top", "right"),
+             "bottom-left": ("bottom", "left"), "bottom-right": ("bottom", "right")}
+PAD_PATTERNS = tuple(PAD_SIDES)
+
+
+class PadAug(torch.nn.Module):
+    """Random black border bar(s) plus a small shift, like the padding face crops get at the frame's edge.
+
+    With probability p: one of 8 patterns (a bar on one side, or an L on two adjacent sides).
+    The content moves 1..max(1, min(10, round(0.02 * min(w, h)))) pixels toward the bar side(s),
+    the strip it leaves black; then the bar(s): a single bar covers U(0.03, 0.20) of its side; an L
+    has fractions v (of the width) and h (of the height) drawn until v + h - v*h <= 0.20 (50 tries,
+    else 0.12 / 0.12), so the bars cover at most 20% of the image. Works on uint8 or float
+    (..., C, H, W) tensors and PIL images, in any torchvision pipeline; draws from torch's RNG.
+    """
+
+    def __init__(self, p=0.6, min_fraction=0.03, max_fraction=0.20, max_area=0.20, tries=50):
+        super().__init__()
+        self.p, self.min_fraction, self.max_fraction = p, min_fraction, max_fraction
+        self.max_area, self.tries = max_area, tries
+
+    def sample_params(self, h, w, generator=None):
+        """dict(apply, pattern, shift, v, h): v / h are the fractions of the width / height that the
+        vertical / horizontal bar covers (0 where the pattern has none); shift is in pixels."""
+        def uniform(low, high):
+            return low + (high - low) * float(torch.rand((), generator=generator))
+        apply = float(torch.rand((), generator=generator)) < self.p
+        pattern = PAD_PATTERNS[int(torch.randint(len(PAD_PATTERNS), (), generator=generator))]
+        max_shift = max(1, min(10, round(0.02 * min(w, h))))
+        shift = int(torch.randint(1, max_shift + 1, (), generator=generator))
+        sides = PAD_SIDES[pattern]
+        if len(sides) == 1:
+            fraction = uniform(self.min_fraction, self.max_fraction)
+            v, h_ = (fraction, 0.0) if sides[0] in ("left", "right") else (0.0, fraction)
+        else:
+            for _ in range(self.tries):
+                v, h_ = uniform(self.min_fraction, self.max_fraction), uniform(self.min_fraction, self.max_fraction)
+                if v + h_ - v * h_ <= self.max_area:
+                    break
+            else:
+                v = h_ = 0.12
+        return dict(apply=apply, pattern=pattern, shift=shift, v=v, h=h_)
+
+    def forward(self, image):
+        if isinstance(image, Image.Image):
+            return to_pil_image(self(pil_to_tensor(image)), mode=image.mode)
+        params = self.sample_params(*image.shape[-2:])
+        return pad_and_shift(image, params) if params["apply"] else image
+
+
+def pad_and_shift(image, params):
+    """Apply PadAug's drawn parameters to a (..., C, H, W) tensor; returns a new tensor."""
+    height, width = image.shape[-2:]
+    sides, shift = PAD_SIDES[params["pattern"]], params["shift"]
+    dy = -shift if "top" in sides else shift if "bottom" in sides else 0  # toward the bar
+    dx = -shift if "left" in sides else shift if "right" in sides else 0
+    out = torch.zeros_like(image)
+    out[..., max(dy, 0):height + min(dy, 0), max(dx, 0):width + min(dx, 0)] = \
+        image[..., max(-dy, 0):height - max(dy, 0), max(-dx, 0):width - max(dx, 0)]
+    bar_w, bar_h = int(params["v"] * width), int(params["h"] * height)  # floor: never past the drawn fraction
+    if "left" in sides:
+        out[..., :, :bar_w] = 0
+    if "right" in sides and bar_w:
+        out[..., :, width - bar_w:] = 0
+    if "top" in sides:
+        out[..., :bar_h, :] = 0
+    if "bottom" in sides and bar_h:
+        out[..., height - bar_h:, :] = 0
+    return out
+
+
+def train_transform(size=224, crop_scale=0.8, jitter=0.8, grayscale=0.1, blur=0.1, padaug=0.6, erasing=0.25):
+    """Stage I training augmentation on a uint8 (C, H, W) image; returns normalised float32.
+    The defaults are the recipe's; the keywords are the smallest crop area and the probabilities."""
+    return v2.Compose([
+        v2.ToImage(),
+        v2.RandomResizedCrop(size, scale=(crop_scale, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
+                             antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomApply([v2.ColorJitter(0.25, 0.25, 0.15, 0.02)], p=jitter),
+        v2.RandomGrayscale(p=grayscale),
+        v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 1.5))], p=blur),
+        PadAug(p=padaug),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        v2.RandomErasing(p=erasing, scale=(0.02, 0.12), value=0),
+        v2.ToPureTensor(),
+    ])
+
+
+def eval_transform(size=224, resize=256):
+    """Shorter side to `resize` (bicubic), centre crop `size`, ImageNet normalisation."""
+    return v2.Compose([
+        v2.ToImage(),
+        v2.Resize(resize, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.CenterCrop(size),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        v2.ToPureTensor(),
+    ])
+
+
+def read_image(path):
+    """A JPEG or PNG file as a uint8 RGB (3, H, W) tensor; EmoError naming the file otherwise."""
+    try:
+        encoded = Path(path).read_bytes()
+        if not encoded:
+            raise ValueError("empty file")
+        return decode_image(torch.frombuffer(bytearray(encoded), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except FileNotFoundError:
+        raise EmoError(f"{path} does not exist") from None
+    except (OSError, RuntimeError, ValueError) as e:
+        raise EmoError(f"{path} is not a readable image ({first_line(e)})") from None
+
+
+def check_labels(labels, source):
+    """Labels as a LongTensor, all in 0..7; EmoError naming `source` otherwise."""
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    bad = (labels < 0) | (labels >= len(CLASSES))
+    if bad.any():
+        raise EmoError(f"{source}: label {int(labels[bad][0])} is outside 0..{len(CLASSES) - 1}")
+    return labels
+
+
+def check_classes(labels, source="dataset"):
+    """Samples per class (LongTensor of 8); EmoError naming the classes that have none."""
+    counts = torch.bincount(check_labels(labels, source), minlength=len(CLASSES))
+    empty = [CLASSES[i] for i in range(len(CLASSES)) if counts[i] == 0]
+    if empty:
+        raise EmoError(f"{source} has no samples of {', '.join(empty)}")
+    return counts
+
+
+class ImageDataset(Dataset):
+    """Image files with their labels: (transformed image, label 0..7) per item.
+
+    `labels` (a LongTensor) is known without reading any image, for class weights and samplers.
+    """
+
+    def __init__(self, paths, labels, transform=None, source="dataset"):
+        self.paths = [str(p) for p in paths]
+        self.labels = check_labels(labels, source)
+        if len(self.paths) != len(self.labels):
+            raise ValueError(f"{len(self.paths)} paths but {len(self.labels)} labels")
+        if not self.paths:
+            raise EmoError(f"{source}: no images found")
+        self.transform, self.source = transform, source
+
+    def __len__(self):
+        return len(self.paths)
+
+    def fingerprint(self):
+        """What identifies this data without reading an image: counts, and a hash of the file names
+        with their labels (saved with Stage I checkpoints; a resumed run checks it)."""
+        digest = hashlib.sha256()
+        for path, label in zip(self.paths, self.labels.tolist()):
+            digest.update(f"{path}\t{label}\n".encode())
+        return {"source": self.source, "images": len(self.paths),
+                "per_class": torch.bincount(self.labels, minlength=len(CLASSES)).tolist(), "sha256": digest.hexdigest()}
+
+    def __getitem__(self, index):
+        image = read_image(self.paths[index])
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[index])
+
+
+class ImageFolderDataset(ImageDataset):
+    """A Stage I image set in one of three layouts:
+
+    plain:     <root>/<ClassName>/*.{jpg,jpeg,png}, emo's 8 class names (any case);
+    affectnet: <root>/<0..7>/*, AffectNet expression codes, remapped to emo's classes;
+    rafdb:     <root>/<1..7>/*, RAF-DB codes (Surprise, Fear, Disgust, Happy, Sad, Anger, Neutral),
+               or RAF-DB's release: <root>/EmoLabel/list_patition_label.txt with images in
+               <root>/Image/aligned/ (name_aligned.jpg) or <root>/Image/original/.
+    split ("train", "test", ...) picks <root>/<split>/ for the folder layouts, and the file-name
+    prefix in RAF-DB's list file.
+    """
+
+    def __init__(self, root, layout="plain", transform=None, split=None):
+        root = Path(root)
+        if not root.is_dir():
+            raise EmoError(f"{root} does not exist" if not root.exists() else f"{root} is not a folder")
+        if layout not in ("plain", "affectnet", "rafdb"):
+            raise EmoError(f"unknown image-set layout {layout!r}; expected plain, affectnet or rafdb")
+        if layout == "rafdb" and (root / RAFDB_LIST).is_file():
+            paths, labels = rafdb_list_samples(root, split)
+        else:
+            folder = root / split if split else root
+            if not folder.is_dir():
+                raise EmoError(f"{folder} does not exist")
+            paths, labels = class_folder_samples(folder, folder_classes(layout))
+            root = folder
+        self.root, self.layout = root, layout
+        super().__init__(paths, labels, transform, source=f"{root} ({layout} layout)")
+
+
+def folder_classes(layout):
+    """Folder name (lower case) -> emo class, for a class-folder layout."""
+    if layout == "affectnet":
+        return {str(code): label for code, label in enumerate(AFFECTNET_TO_CLASS)}
+    if layout == "rafdb":
+        return {str(code): label for code, label in RAFDB_TO_CLASS.items()}
+    return {name.lower(): label for label, name in enumerate(CLASSES)}
+
+
+def class_folder_samples(root, classes):
+    paths, labels = [], []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if folder.name.lower() not in classes:
+            raise EmoError(f"{folder}: folder name is not a class; expected folders named "
+                           f"{', '.join(classes)}")
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        paths += files
+        labels += [classes[folder.name.lower()]] * len(files)
+    if not paths:
+        raise EmoError(f"{root}: no images found (expected {', '.join(IMAGE_SUFFIXES)} files in class "
+                       f"folders named {', '.join(classes)})")
+    return paths, labels
+
+
+def rafdb_list_samples(root, split=None):
+    """(paths, labels) from RAF-DB's list file; split keeps the names starting with `split`_."""
+    list_file = root / RAFDB_LIST
+    aligned = (root / "Image" / "aligned").is_dir()
+    paths, labels = [], []
+    for number, line in enumerate(list_file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            name, code = line.split()
+            label = RAFDB_TO_CLASS[int(code)]
+        except (ValueError, KeyError):
+            raise EmoError(f"{list_file} line {number}: expected '<name>.jpg <1..7>', got {line.strip()!r}") from None
+        if split and not name.startswith(f"{split}_"):
+            continue
+        stem = Path(name).stem
+        paths.append(root / "Image" / "aligned" / f"{stem}_aligned.jpg" if aligned else
+                     root / "Image" / "original" / name)
+        labels.append(label)
+    if not paths:
+        raise EmoError(f"{list_file}: no images" + (f" in split {split!r}" if split else ""))
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise EmoError(f"{len(missing)} images listed in {list_file} are missing, e.g. {missing[0]}")
+    return paths, labels
+
+
+PEOPLE = ("largest", "left", "right")  # whose face: the largest one, or the left / right one of two people
+
+
+def annotation_id(stem, person):
+    """ABAW's id for a person in a video: `<stem>` for the largest (or only) face, `<stem>_left` /
+    `<stem>_right` for the left / right one of two people."""
+    return stem if person == "largest" else f"{stem}_{person}"
+
+
+def split_annotation_id(annotation_id):
+    """(video stem, person) of an annotation id: the inverse of annotation_id."""
+    for person in ("left", "right"):
+        if annotation_id.endswith(f"_{person}"):
+            return annotation_id.removesuffix(f"_{person}"), person
+    return annotation_id, "largest"
+
+
+def read_annotation(path):
+    """An ABAW EXPR annotation file: one label per frame (-1 = ignore) as a LongTensor."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise EmoError(f"{path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise EmoError(f"{path} is not a readable annotation file ({e})") from None
+    if not lines or lines[0].replace(" ", "").lower() != ABAW_HEADER.lower():
+        raise EmoError(f"{path}: first line must be the header {ABAW_HEADER}")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    values = []
+    for number, line in enumerate(lines[1:], 2):
+        try:
+            value = int(line)
+        except ValueError:
+            raise EmoError(f"{path} line {number}: expected a label -1..{len(CLASSES) - 1}, got {line!r}") from None
+        if not IGNORE_LABEL <= value < len(CLASSES):
+            raise EmoError(f"{path} line {number}: label {value} is outside -1..{len(CLASSES) - 1}")
+        values.append(value)
+    if not values:
+        raise EmoError(f"{path} has a header but no frame labels")
+    return torch.tensor(values, dtype=torch.long)
+
+
+class AffWild2Frames(ImageDataset):
+    """Aff-Wild2 aligned face crops with their EXPR labels: the frames of each annotation id that
+    have a crop (cropped_aligned/<id>/<5-digit 1-based>.jpg) and a label other than -1.
+
+    frames_per_video=K keeps K frames per video spread evenly over its valid frames (all when it
+    has fewer): a quick validation set. `frames` holds (annotation id, 1-based frame) per item.
+    """
+
+    def __init__(self, cropped_aligned_dir, annotation_dir, frames_per_video=None, transform=None):
+        crops, annotations = Path(cropped_aligned_dir), Path(annotation_dir)
+        for folder in (crops, annotations):
+            if not folder.is_dir():
+                raise EmoError(f"{folder} does not exist" if not folder.exists() else f"{folder} is not a folder")
+        if frames_per_video is not None and frames_per_video < 1:
+            raise EmoError(f"frames_per_video must be at least 1, got {frames_per_video}")
+        files = sorted(annotations.glob("*.txt"))
+        if not files:
+            raise EmoError(f"{annotations} has no annotation .txt files")
+        paths, labels, self.frames, self.videos_without_crops = [], [], [], []
+        for file in files:
+            video_id, per_frame = file.stem, read_annotation(file)
+            folder = crops / video_id
+            if not folder.is_dir():
+                self.videos_without_crops.append(video_id)
+                continue
+            present = {p.name for p in folder.iterdir()}  # one listing, not a stat per frame
+            valid = [i for i in torch.nonzero(per_frame != IGNORE_LABEL).flatten().tolist()
+                     if f"{i + 1:05d}.jpg" in present]
+            if frames_per_video is not None and len(valid) > frames_per_video:
+                k, n = frames_per_video, len(valid)
+                valid = [valid[(2 * j + 1) * n // (2 * k)] for j in range(k)]  # the middles of k equal runs
+            paths += [folder / f"{i + 1:05d}.jpg" for i in valid]
+            labels += [int(per_frame[i]) for i in valid]
+            self.frames += [(video_id, i + 1) for i in valid]
+        if not paths:
+            raise EmoError(f"no labelled face crops found: {annotations} names {len(files)} videos, none with "
+                           f"frames under {crops}/<id>/00001.jpg...")
+        super().__init__(paths, labels, transform, source=f"{annotations} with crops in {crops}")
+
+
+def write_annotation(path, labels):
+    """An ABAW EXPR file: the header, then one integer per frame (-1 = ignore)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(ABAW_HEADER + "\n" + "".join(f"{int(v)}\n" for v in labels))
+
+
+def make_loader(dataset, batch_size, train, workers, sampler=None):
+    """A DataLoader: shuffled (unless a sampler is given) and drop_last when training; worker
+    processes kept alive between epochs; pinned memory when CUDA is there."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+                      num_workers=workers, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=workers > 0, drop_last=train)
+
+
 # --------------------------------------------------------------------- Stage II: per-frame features
 
 FEATURES_FORMAT = "emo-features/2"  # 2: sound at its presentation time
 FEATURES_SUFFIX = ".features.safetensors"
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts")
 
 
 @dataclass
@@ -976,17 +1394,11 @@ BOXES_SUFFIX = ".json"
 
 def person_of(key):
     """largest | left | right for a boxes-file key (a person, or an annotation id)."""
-    if key in ("largest", "left", "right"):
-        return key
-    for side in ("left", "right"):
-        if key.endswith(f"_{side}"):
-            return side
-    return "largest"
+    return key if key in PEOPLE else split_annotation_id(key)[1]
 
 
 def read_boxes(path):
     """{person: (N, 4) float32 boxes, NaN where no face} from a boxes JSON file (format above)."""
-    from emo import read_json
     content = read_json(path)
     entries = content.get("boxes") if isinstance(content, dict) else None
     if not isinstance(entries, dict) or not entries:
@@ -1029,59 +1441,6 @@ def boxes_for(boxes, person, num_frames, source="the boxes"):
         raise EmoError(f"{source} have {len(chosen)} boxes for the {person} person but the video has {num_frames} "
                        "frames; give one box (or null) per frame")
     return chosen
-
-
-def stage1_directory(stage1_dir):
-    """The checkpoint directory of a Stage I run: stage1_dir itself, or its best/, else its last/."""
-    directory = Path(stage1_dir)
-    if not (directory / "model.json").is_file():
-        found = [directory / sub for sub in ("best", "last") if (directory / sub / "model.json").is_file()]
-        if not found:
-            raise EmoError(f"{stage1_dir} is not a Stage I checkpoint: no model.json in it or in its best/ or last/; "
-                           "pass the --out directory of train.py --stage 1 (or its best/)")
-        directory = found[0]
-    return directory
-
-
-def stage1_config(stage1_dir):
-    """The train.py config a Stage I checkpoint was trained with (a dict; {} when it records none)."""
-    from emo import read_json
-    info = read_json(stage1_directory(stage1_dir) / "model.json")
-    config = info.get("config") if isinstance(info, dict) else None
-    return config if isinstance(config, dict) else {}
-
-
-def load_encoder(stage1_dir, device=None):
-    """The Stage I EmotionClassifier of a run's best/ or last/ directory (or the run directory,
-    which means its best/, else last/), in eval mode on `device`.
-
-    The architecture comes from the saved JSON config: the backbone's config.json only (a local
-    directory or the hub), as the weights file holds the whole model.
-    """
-    from emo import load_checkpoint, model_source, read_json
-    from models import EmotionClassifier, LinearHead, MoEHead, ViT, ViTConfig, load_weights
-    directory = stage1_directory(stage1_dir)
-    state, info = load_checkpoint(directory)
-    config = info.get("config") if isinstance(info, dict) else None
-    if not isinstance(config, dict) or not config.get("backbone"):
-        raise EmoError(f"{directory / 'model.json'} has no Stage I config with a backbone; "
-                       "is it a train.py checkpoint?")
-    fetch, where = model_source(config["backbone"], config.get("revision"))
-    config_file = fetch("config.json")
-    if config_file is None:
-        raise EmoError(f"the Stage I backbone {where} has no config.json")
-    try:
-        vit_cfg = ViTConfig.from_hf(read_json(config_file))
-    except EmoError as e:
-        raise EmoError(f"{where}: {e}") from None
-    head = config.get("head", "moe")
-    if head not in ("moe", "linear"):
-        raise EmoError(f"{directory / 'model.json'}: unknown head {head!r}")
-    with torch.device("meta"):
-        dim = vit_cfg.hidden_size
-        model = EmotionClassifier(ViT(vit_cfg), MoEHead(dim, len(CLASSES)) if head == "moe"
-                                  else LinearHead(dim, len(CLASSES)))
-    return load_weights(model, state, str(directory)).to(device or "cpu").eval()
 
 
 def _prefetch(iterable, depth=2):
@@ -1227,7 +1586,7 @@ def people_features(video, encoder, w2v, detector, people=("left", "right"), cfg
                     cache_dir=None, progress=True, audio_dim=1024, boxes=None):
     """{person: FrameFeatures} for several people of one video, from one decoding pass over the frames and
     one streamed pass over the sound. See video_features."""
-    unknown = [p for p in people if p not in ("largest", "left", "right")]
+    unknown = [p for p in people if p not in PEOPLE]
     if unknown:
         raise EmoError(f"unknown person {unknown[0]!r}: use largest, left or right")
     video = Path(video)
@@ -1450,8 +1809,7 @@ def save_features(path, features, key):
 
 
 def _warn_unreadable(path, error):
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    tqdm.write(f"warning: feature file {path} is unreadable ({reason}); extracting again", file=sys.stderr)
+    tqdm.write(f"warning: feature file {path} is unreadable ({first_line(error)}); extracting again", file=sys.stderr)
 
 
 def _feature_key(file):
@@ -1524,12 +1882,10 @@ def find_videos(video_root):
 
 def video_for_id(annotation_id, videos):
     """(video path, person) of an annotation id: "<v>" -> (<v>.mp4, "largest"), "<v>_left" -> (<v>.mp4, "left")."""
-    if annotation_id in videos:
-        return Path(videos[annotation_id]), "largest"
-    for side in ("left", "right"):
-        stem = annotation_id.removesuffix(f"_{side}")
-        if stem != annotation_id and stem in videos:
-            return Path(videos[stem]), side
+    stem, person = split_annotation_id(annotation_id)
+    for stem, person in ((annotation_id, "largest"), (stem, person)):  # a video may be named <v>_left itself
+        if stem in videos:
+            return Path(videos[stem]), person
     raise EmoError(f"no video for annotation id {annotation_id} among {len(videos)} videos; expected "
                    f"{annotation_id}.mp4 (or .avi), or for <video>_left / <video>_right ids <video>.mp4")
 
@@ -1677,805 +2033,7 @@ def _frame_count(annotation_id, key, video, cropped_aligned):
     return max(numbers)
 
 
-# ------------------------------------------------------- Stage I: image datasets and transforms
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-AFFECTNET_TO_CLASS = (0, 4, 5, 6, 3, 2, 1, 7)  # AffectNet code -> emo class
-RAFDB_TO_CLASS = {1: 6, 2: 3, 3: 2, 4: 4, 5: 5, 6: 1, 7: 0}  # RAF-DB 1..7 -> emo class
-RAFDB_LIST = Path("EmoLabel") / "list_patition_label.txt"  # sic: RAF-DB's own spelling
-PAD_SIDES = {"left": ("left",), "right": ("right",), "top": ("top",), "bottom": ("bottom",),
-             "top-left": ("top", "left"), "top-right": ("top", "right"),
-             "bottom-left": ("bottom", "left"), "bottom-right": ("bottom", "right")}
-PAD_PATTERNS = tuple(PAD_SIDES)
-
-
-class PadAug(torch.nn.Module):
-    """Random black border bar(s) plus a small shift, like the padding face crops get at the frame's edge.
-
-    With probability p: one of 8 patterns (a bar on one side, or an L on two adjacent sides).
-    The content moves 1..max(1, min(10, round(0.02 * min(w, h)))) pixels toward the bar side(s),
-    the strip it leaves black; then the bar(s): a single bar covers U(0.03, 0.20) of its side; an L
-    has fractions v (of the width) and h (of the height) drawn until v + h - v*h <= 0.20 (50 tries,
-    else 0.12 / 0.12), so the bars cover at most 20% of the image. Works on uint8 or float
-    (..., C, H, W) tensors and PIL images, in any torchvision pipeline; draws from torch's RNG.
-    """
-
-    def __init__(self, p=0.6, min_fraction=0.03, max_fraction=0.20, max_area=0.20, tries=50):
-        super().__init__()
-        self.p, self.min_fraction, self.max_fraction = p, min_fraction, max_fraction
-        self.max_area, self.tries = max_area, tries
-
-    def sample_params(self, h, w, generator=None):
-        """dict(apply, pattern, shift, v, h): v / h are the fractions of the width / height that the
-        vertical / horizontal bar covers (0 where the pattern has none); shift is in pixels."""
-        def uniform(low, high):
-            return low + (high - low) * float(torch.rand((), generator=generator))
-        apply = float(torch.rand((), generator=generator)) < self.p
-        pattern = PAD_PATTERNS[int(torch.randint(len(PAD_PATTERNS), (), generator=generator))]
-        max_shift = max(1, min(10, round(0.02 * min(w, h))))
-        shift = int(torch.randint(1, max_shift + 1, (), generator=generator))
-        sides = PAD_SIDES[pattern]
-        if len(sides) == 1:
-            fraction = uniform(self.min_fraction, self.max_fraction)
-            v, h_ = (fraction, 0.0) if sides[0] in ("left", "right") else (0.0, fraction)
-        else:
-            for _ in range(self.tries):
-                v, h_ = uniform(self.min_fraction, self.max_fraction), uniform(self.min_fraction, self.max_fraction)
-                if v + h_ - v * h_ <= self.max_area:
-                    break
-            else:
-                v = h_ = 0.12
-        return dict(apply=apply, pattern=pattern, shift=shift, v=v, h=h_)
-
-    def forward(self, image):
-        if isinstance(image, Image.Image):
-            return to_pil_image(self(pil_to_tensor(image)), mode=image.mode)
-        params = self.sample_params(*image.shape[-2:])
-        return pad_and_shift(image, params) if params["apply"] else image
-
-
-def pad_and_shift(image, params):
-    """Apply PadAug's drawn parameters to a (..., C, H, W) tensor; returns a new tensor."""
-    height, width = image.shape[-2:]
-    sides, shift = PAD_SIDES[params["pattern"]], params["shift"]
-    dy = -shift if "top" in sides else shift if "bottom" in sides else 0  # toward the bar
-    dx = -shift if "left" in sides else shift if "right" in sides else 0
-    out = torch.zeros_like(image)
-    out[..., max(dy, 0):height + min(dy, 0), max(dx, 0):width + min(dx, 0)] = \
-        image[..., max(-dy, 0):height - max(dy, 0), max(-dx, 0):width - max(dx, 0)]
-    bar_w, bar_h = int(params["v"] * width), int(params["h"] * height)  # floor: never past the drawn fraction
-    if "left" in sides:
-        out[..., :, :bar_w] = 0
-    if "right" in sides and bar_w:
-        out[..., :, width - bar_w:] = 0
-    if "top" in sides:
-        out[..., :bar_h, :] = 0
-    if "bottom" in sides and bar_h:
-        out[..., height - bar_h:, :] = 0
-    return out
-
-
-def train_transform(size=224, crop_scale=0.8, jitter=0.8, grayscale=0.1, blur=0.1, padaug=0.6, erasing=0.25):
-    """Stage I training augmentation on a uint8 (C, H, W) image; returns normalised float32.
-    The defaults are the recipe's; the keywords are the smallest crop area and the probabilities."""
-    return v2.Compose([
-        v2.ToImage(),
-        v2.RandomResizedCrop(size, scale=(crop_scale, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
-                             antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.RandomApply([v2.ColorJitter(0.25, 0.25, 0.15, 0.02)], p=jitter),
-        v2.RandomGrayscale(p=grayscale),
-        v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 1.5))], p=blur),
-        PadAug(p=padaug),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        v2.RandomErasing(p=erasing, scale=(0.02, 0.12), value=0),
-        v2.ToPureTensor(),
-    ])
-
-
-def eval_transform(size=224, resize=256):
-    """Shorter side to `resize` (bicubic), centre crop `size`, ImageNet normalisation."""
-    return v2.Compose([
-        v2.ToImage(),
-        v2.Resize(resize, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-        v2.CenterCrop(size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        v2.ToPureTensor(),
-    ])
-
-
-def read_image(path):
-    """A JPEG or PNG file as a uint8 RGB (3, H, W) tensor; EmoError naming the file otherwise."""
-    try:
-        encoded = Path(path).read_bytes()
-        if not encoded:
-            raise ValueError("empty file")
-        return decode_image(torch.frombuffer(bytearray(encoded), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except FileNotFoundError:
-        raise EmoError(f"{path} does not exist") from None
-    except (OSError, RuntimeError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EmoError(f"{path} is not a readable image ({reason})") from None
-
-
-def check_labels(labels, source):
-    """Labels as a LongTensor, all in 0..7; EmoError naming `source` otherwise."""
-    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-    bad = (labels < 0) | (labels >= len(CLASSES))
-    if bad.any():
-        raise EmoError(f"{source}: label {int(labels[bad][0])} is outside 0..{len(CLASSES) - 1}")
-    return labels
-
-
-def check_classes(labels, source="dataset"):
-    """Samples per class (LongTensor of 8); EmoError naming the classes that have none."""
-    counts = torch.bincount(check_labels(labels, source), minlength=len(CLASSES))
-    empty = [CLASSES[i] for i in range(len(CLASSES)) if counts[i] == 0]
-    if empty:
-        raise EmoError(f"{source} has no samples of {', '.join(empty)}")
-    return counts
-
-
-class ImageDataset(Dataset):
-    """Image files with their labels: (transformed image, label 0..7) per item.
-
-    `labels` (a LongTensor) is known without reading any image, for class weights and samplers.
-    """
-
-    def __init__(self, paths, labels, transform=None, source="dataset"):
-        self.paths = [str(p) for p in paths]
-        self.labels = check_labels(labels, source)
-        if len(self.paths) != len(self.labels):
-            raise ValueError(f"{len(self.paths)} paths but {len(self.labels)} labels")
-        if not self.paths:
-            raise EmoError(f"{source}: no images found")
-        self.transform, self.source = transform, source
-
-    def __len__(self):
-        return len(self.paths)
-
-    def fingerprint(self):
-        """What identifies this data without reading an image: counts, and a hash of the file names
-        with their labels (saved with Stage I checkpoints; a resumed run checks it)."""
-        digest = hashlib.sha256()
-        for path, label in zip(self.paths, self.labels.tolist()):
-            digest.update(f"{path}\t{label}\n".encode())
-        return {"source": self.source, "images": len(self.paths),
-                "per_class": torch.bincount(self.labels, minlength=len(CLASSES)).tolist(), "sha256": digest.hexdigest()}
-
-    def __getitem__(self, index):
-        image = read_image(self.paths[index])
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, int(self.labels[index])
-
-
-class ImageFolderDataset(ImageDataset):
-    """A Stage I image set in one of three layouts:
-
-    plain:     <root>/<ClassName>/*.{jpg,jpeg,png}, emo's 8 class names (any case);
-    affectnet: <root>/<0..7>/*, AffectNet expression codes, remapped to emo's classes;
-    rafdb:     <root>/<1..7>/*, RAF-DB codes (Surprise, Fear, Disgust, Happy, Sad, Anger, Neutral),
-               or RAF-DB's release: <root>/EmoLabel/list_patition_label.txt with images in
-               <root>/Image/aligned/ (name_aligned.jpg) or <root>/Image/original/.
-    split ("train", "test", ...) picks <root>/<split>/ for the folder layouts, and the file-name
-    prefix in RAF-DB's list file.
-    """
-
-    def __init__(self, root, layout="plain", transform=None, split=None):
-        root = Path(root)
-        if not root.is_dir():
-            raise EmoError(f"{root} does not exist" if not root.exists() else f"{root} is not a folder")
-        if layout not in ("plain", "affectnet", "rafdb"):
-            raise EmoError(f"unknown image-set layout {layout!r}; expected plain, affectnet or rafdb")
-        if layout == "rafdb" and (root / RAFDB_LIST).is_file():
-            paths, labels = rafdb_list_samples(root, split)
-        else:
-            folder = root / split if split else root
-            if not folder.is_dir():
-                raise EmoError(f"{folder} does not exist")
-            paths, labels = class_folder_samples(folder, folder_classes(layout))
-            root = folder
-        self.root, self.layout = root, layout
-        super().__init__(paths, labels, transform, source=f"{root} ({layout} layout)")
-
-
-def folder_classes(layout):
-    """Folder name (lower case) -> emo class, for a class-folder layout."""
-    if layout == "affectnet":
-        return {str(code): label for code, label in enumerate(AFFECTNET_TO_CLASS)}
-    if layout == "rafdb":
-        return {str(code): label for code, label in RAFDB_TO_CLASS.items()}
-    return {name.lower(): label for label, name in enumerate(CLASSES)}
-
-
-def class_folder_samples(root, classes):
-    paths, labels = [], []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if folder.name.lower() not in classes:
-            raise EmoError(f"{folder}: folder name is not a class; expected folders named "
-                           f"{', '.join(classes)}")
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        paths += files
-        labels += [classes[folder.name.lower()]] * len(files)
-    if not paths:
-        raise EmoError(f"{root}: no images found (expected {', '.join(IMAGE_SUFFIXES)} files in class "
-                       f"folders named {', '.join(classes)})")
-    return paths, labels
-
-
-def rafdb_list_samples(root, split=None):
-    """(paths, labels) from RAF-DB's list file; split keeps the names starting with `split`_."""
-    list_file = root / RAFDB_LIST
-    aligned = (root / "Image" / "aligned").is_dir()
-    paths, labels = [], []
-    for number, line in enumerate(list_file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            name, code = line.split()
-            label = RAFDB_TO_CLASS[int(code)]
-        except (ValueError, KeyError):
-            raise EmoError(f"{list_file} line {number}: expected '<name>.jpg <1..7>', got {line.strip()!r}") from None
-        if split and not name.startswith(f"{split}_"):
-            continue
-        stem = Path(name).stem
-        paths.append(root / "Image" / "aligned" / f"{stem}_aligned.jpg" if aligned else
-                     root / "Image" / "original" / name)
-        labels.append(label)
-    if not paths:
-        raise EmoError(f"{list_file}: no images" + (f" in split {split!r}" if split else ""))
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise EmoError(f"{len(missing)} images listed in {list_file} are missing, e.g. {missing[0]}")
-    return paths, labels
-
-
-def read_annotation(path):
-    """An ABAW EXPR annotation file: one label per frame (-1 = ignore) as a LongTensor."""
-    path = Path(path)
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        raise EmoError(f"{path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise EmoError(f"{path} is not a readable annotation file ({e})") from None
-    if not lines or lines[0].replace(" ", "").lower() != ABAW_HEADER.lower():
-        raise EmoError(f"{path}: first line must be the header {ABAW_HEADER}")
-    while lines and not lines[-1].strip():
-        lines.pop()
-    values = []
-    for number, line in enumerate(lines[1:], 2):
-        try:
-            value = int(line)
-        except ValueError:
-            raise EmoError(f"{path} line {number}: expected a label -1..{len(CLASSES) - 1}, got {line!r}") from None
-        if not IGNORE_LABEL <= value < len(CLASSES):
-            raise EmoError(f"{path} line {number}: label {value} is outside -1..{len(CLASSES) - 1}")
-        values.append(value)
-    if not values:
-        raise EmoError(f"{path} has a header but no frame labels")
-    return torch.tensor(values, dtype=torch.long)
-
-
-class AffWild2Frames(ImageDataset):
-    """Aff-Wild2 aligned face crops with their EXPR labels: the frames of each annotation id that
-    have a crop (cropped_aligned/<id>/<5-digit 1-based>.jpg) and a label other than -1.
-
-    frames_per_video=K keeps K frames per video spread evenly over its valid frames (all when it
-    has fewer): a quick validation set. `frames` holds (annotation id, 1-based frame) per item.
-    """
-
-    def __init__(self, cropped_aligned_dir, annotation_dir, frames_per_video=None, transform=None):
-        crops, annotations = Path(cropped_aligned_dir), Path(annotation_dir)
-        for folder in (crops, annotations):
-            if not folder.is_dir():
-                raise EmoError(f"{folder} does not exist" if not folder.exists() else f"{folder} is not a folder")
-        if frames_per_video is not None and frames_per_video < 1:
-            raise EmoError(f"frames_per_video must be at least 1, got {frames_per_video}")
-        files = sorted(annotations.glob("*.txt"))
-        if not files:
-            raise EmoError(f"{annotations} has no annotation .txt files")
-        paths, labels, self.frames, self.videos_without_crops = [], [], [], []
-        for file in files:
-            video_id, per_frame = file.stem, read_annotation(file)
-            folder = crops / video_id
-            if not folder.is_dir():
-                self.videos_without_crops.append(video_id)
-                continue
-            present = {p.name for p in folder.iterdir()}  # one listing, not a stat per frame
-            valid = [i for i in torch.nonzero(per_frame != IGNORE_LABEL).flatten().tolist()
-                     if f"{i + 1:05d}.jpg" in present]
-            if frames_per_video is not None and len(valid) > frames_per_video:
-                k, n = frames_per_video, len(valid)
-                valid = [valid[(2 * j + 1) * n // (2 * k)] for j in range(k)]  # the middles of k equal runs
-            paths += [folder / f"{i + 1:05d}.jpg" for i in valid]
-            labels += [int(per_frame[i]) for i in valid]
-            self.frames += [(video_id, i + 1) for i in valid]
-        if not paths:
-            raise EmoError(f"no labelled face crops found: {annotations} names {len(files)} videos, none with "
-                           f"frames under {crops}/<id>/00001.jpg...")
-        super().__init__(paths, labels, transform, source=f"{annotations} with crops in {crops}")
-
-
-def make_loader(dataset, batch_size, train, workers, sampler=None):
-    """A DataLoader: shuffled (unless a sampler is given) and drop_last when training; worker
-    processes kept alive between epochs; pinned memory when CUDA is there."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
-                      num_workers=workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=workers > 0, drop_last=train)
-
-
-# ---------------------------------------------------------------------------- synthetic faces
-
-# Each class as a face: mouth curve (+ smile / - frown), mouth openness, brow tilt (+ inner ends
-# up, - an angry V), brow lift, eye openness, mouth asymmetry. Fear and Surprise are nearly the
-# same face on purpose; their sounds differ (SOUNDS below), so audio fusion has something to win.
-EXPRESSIONS = {
-    "Neutral":   dict(curve=0.0, open=0.0, tilt=0.0, lift=0.0, eyes=0.55, skew=0.0),
-    "Anger":     dict(curve=-0.3, open=0.1, tilt=-1.0, lift=-0.4, eyes=0.40, skew=0.0),
-    "Disgust":   dict(curve=-0.6, open=0.25, tilt=-0.5, lift=-0.2, eyes=0.25, skew=0.3),
-    "Fear":      dict(curve=-0.15, open=0.70, tilt=0.7, lift=0.85, eyes=1.0, skew=0.0),
-    "Happiness": dict(curve=1.0, open=0.30, tilt=0.0, lift=0.1, eyes=0.40, skew=0.0),
-    "Sadness":   dict(curve=-0.9, open=0.0, tilt=1.0, lift=0.1, eyes=0.30, skew=0.0),
-    "Surprise":  dict(curve=-0.10, open=0.75, tilt=0.65, lift=0.9, eyes=1.0, skew=0.0),
-    "Other":     dict(curve=0.4, open=0.0, tilt=0.3, lift=0.0, eyes=0.55, skew=1.0),
-}
-NEUTRAL = EXPRESSIONS["Neutral"]
-
-# Each class as a sound: carrier Hz, amplitude-modulation Hz, frequency-modulation depth Hz.
-SOUNDS = {
-    "Neutral":   (220.0, 0.0, 0.0),
-    "Anger":     (330.0, 9.0, 40.0),
-    "Disgust":   (440.0, 3.0, 0.0),
-    "Fear":      (1800.0, 14.0, 150.0),  # high and trembling
-    "Happiness": (660.0, 5.0, 60.0),
-    "Sadness":   (180.0, 1.5, 10.0),
-    "Surprise":  (520.0, 0.0, 250.0),   # low and swooping; looks like Fear
-    "Other":     (990.0, 7.0, 0.0),
-}
-LOOKALIKE = ("Fear", "Surprise")
-
-
-def draw_face(size, expression, skin):
-    """An RGBA image (size x size) of a face ellipse showing `expression` (a dict like NEUTRAL)."""
-    s = size
-    image = Image.new("RGBA", (s, s), (0, 0, 0, 0))
-    draw = ImageDraw.Draw(image)
-    cx, cy = s / 2, s / 2
-    rx, ry = 0.36 * s, 0.46 * s
-    draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=skin + (255,), outline=(60, 40, 30, 255),
-                 width=max(1, s // 40))
-    dark = (30, 25, 25, 255)
-    width = max(1, s // 28)
-    eye_y, eye_dx, eye_w = cy - 0.12 * s, 0.14 * s, 0.075 * s
-    eye_h = max(0.012 * s, 0.06 * s * expression["eyes"])
-    for side in (-1, 1):
-        ex = cx + side * eye_dx
-        draw.ellipse([ex - eye_w, eye_y - eye_h, ex + eye_w, eye_y + eye_h], fill=(250, 250, 250, 255),
-                     outline=dark, width=max(1, width // 2))
-        pupil = min(eye_h, 0.03 * s)
-        draw.ellipse([ex - pupil, eye_y - pupil, ex + pupil, eye_y + pupil], fill=dark)
-        # brow: inner end near the nose, outer end away from it
-        brow_y = eye_y - 0.10 * s - 0.07 * s * expression["lift"]
-        inner = (cx + side * 0.06 * s, brow_y - 0.05 * s * expression["tilt"])
-        outer = (cx + side * 0.24 * s, brow_y + 0.02 * s * expression["tilt"])
-        draw.line([inner, outer], fill=dark, width=width + 1)
-    draw.line([(cx, cy - 0.04 * s), (cx - 0.03 * s, cy + 0.08 * s), (cx + 0.01 * s, cy + 0.09 * s)],
-              fill=(120, 80, 60, 255), width=max(1, width // 2))
-    # mouth: a curve through the corners and the middle; openness adds a lower lip
-    mouth_y, half = cy + 0.24 * s, 0.15 * s
-    corner_up = 0.07 * s * expression["curve"]
-    skew = 0.05 * s * expression["skew"]
-    left, right = (cx - half, mouth_y - corner_up + skew), (cx + half, mouth_y - corner_up - skew)
-    upper = [_bezier(left, (cx, mouth_y + corner_up), right, t) for t in np.linspace(0, 1, 12)]
-    opening = 0.16 * s * expression["open"]
-    if opening > 0.01 * s:
-        lower = [_bezier(right, (cx, mouth_y + corner_up + 2 * opening), left, t) for t in np.linspace(0, 1, 12)]
-        draw.polygon(upper + lower, fill=(90, 20, 30, 255), outline=dark)
-    else:
-        draw.line(upper, fill=dark, width=width + 1)
-    return image
-
-
-def _bezier(a, control, b, t):
-    return ((1 - t) ** 2 * a[0] + 2 * (1 - t) * t * control[0] + t ** 2 * b[0],
-            (1 - t) ** 2 * a[1] + 2 * (1 - t) * t * control[1] + t ** 2 * b[1])
-
-
-def expression_for(label, rng, intensity=None):
-    """The face parameters of class `label`, at a random intensity, with a little jitter."""
-    target = EXPRESSIONS[CLASSES[label]]
-    k = rng.uniform(0.7, 1.0) if intensity is None else intensity
-    return {key: NEUTRAL[key] + k * (target[key] - NEUTRAL[key]) + rng.normal(0, 0.04) for key in target}
-
-
-def random_skin(rng):
-    base = np.array([225, 185, 150]) * rng.uniform(0.45, 1.05)
-    return tuple(int(v) for v in np.clip(base + rng.normal(0, 8, 3), 40, 255))
-
-
-def background(width, height, rng):
-    colour = rng.integers(20, 236, 3)
-    noise = rng.normal(0, rng.uniform(2, 14), (height, width, 1))
-    pixels = np.clip(colour[None, None, :] + noise + np.linspace(-20, 20, width)[None, :, None], 0, 255)
-    return Image.fromarray(pixels.astype(np.uint8))
-
-
-def paste_face(canvas, face, centre, side, angle):
-    """Scale the face to `side` pixels, rotate by `angle` degrees, paste centred at `centre`.
-
-    Returns the face's box (x0, y0, x1, y1) in integer pixels, clipped to the canvas.
-    """
-    face = face.resize((side, side), Image.BILINEAR).rotate(angle, resample=Image.BILINEAR)
-    x0, y0 = int(round(centre[0] - side / 2)), int(round(centre[1] - side / 2))
-    canvas.paste(face, (x0, y0), face)
-    # the drawn ellipse spans 0.72 x 0.92 of the face square; rotation widens that slightly
-    a = math.radians(angle)
-    w = 0.72 * side * abs(math.cos(a)) + 0.92 * side * abs(math.sin(a))
-    h = 0.72 * side * abs(math.sin(a)) + 0.92 * side * abs(math.cos(a))
-    box = [centre[0] - w / 2, centre[1] - h / 2, centre[0] + w / 2, centre[1] + h / 2]
-    W, H = canvas.size
-    return [int(np.clip(round(box[0]), 0, W)), int(np.clip(round(box[1]), 0, H)),
-            int(np.clip(round(box[2]), 0, W)), int(np.clip(round(box[3]), 0, H))]
-
-
-def class_sound(label, n, sample_rate, rng):
-    """n samples of class `label`'s signature tone, with a random starting phase."""
-    carrier, am, fm = SOUNDS[CLASSES[label]]
-    t = np.arange(n) / sample_rate
-    frequency = carrier + fm * np.sin(2 * np.pi * 3.0 * t)
-    phase = 2 * np.pi * np.cumsum(frequency) / sample_rate + rng.uniform(0, 2 * np.pi)
-    envelope = 0.6 + 0.4 * np.sin(2 * np.pi * am * t) if am else np.ones(n)
-    return envelope * np.sin(phase)
-
-
-# -------------------------------------------------------------------------- synthetic dataset
-
-
-@dataclass
-class SynthConfig:
-    out: str
-    seed: int = 0
-    videos: int = 7            # raw videos; one of them shows two people, so one more annotation id
-    frames: int = 200          # mean frames per video (each is 0.75x .. 1.25x of it)
-    width: int = 160
-    height: int = 120
-    fps: int = 25
-    images: int = 24           # Stage I images per class
-    crop: int = 112            # side of the aligned face crops, as in Aff-Wild2
-    validation: float = 0.3    # share of videos whose annotations go to Validation_Set
-    sample_rate: int = 44100   # of the .mp4 audio tracks (the .avi gets 22050 Hz)
-    overwrite: bool = False    # replace an earlier synthetic dataset in `out`
-
-
-@dataclass
-class SynthVideo:
-    name: str
-    file: str
-    container: str
-    audio: bool
-    people: int
-
-
-def plan_videos(config):
-    """Which video is which: mostly H.264/AAC .mp4, one MPEG-4/PCM .avi, one silent, one pair."""
-    if config.videos < 4:
-        raise EmoError(f"--videos must be at least 4 (an .mp4, an .avi, a silent and a two-person video), "
-                       f"got {config.videos}")
-    plans = []
-    for i in range(config.videos):
-        name = f"video{i:02d}"
-        kind = {1: "avi", 2: "silent", 3: "pair"}.get(i, "mp4")
-        if kind == "avi":
-            plans.append(SynthVideo(name, f"videos/batch1/{name}.avi", "avi", True, 1))
-        else:
-            plans.append(SynthVideo(name, f"videos/batch1/{name}.mp4", "mp4", kind != "silent",
-                                    2 if kind == "pair" else 1))
-    return plans
-
-
-def segment_labels(n, rng):
-    """Per-frame labels in runs of 20-80 frames, with one short run of -1 (no usable face)."""
-    labels = np.empty(n, dtype=np.int64)
-    i = 0
-    while i < n:
-        run = int(rng.integers(20, 81))
-        labels[i:i + run] = rng.integers(0, len(CLASSES))
-        i += run
-    gap = int(rng.integers(3, 10))
-    start = int(rng.integers(0, n - gap))
-    labels[start:start + gap] = IGNORE_LABEL
-    return labels
-
-
-def pose_track(n, rng, x_range, y_range, side_range):
-    """A smooth random walk of face centre, side and in-plane angle over n frames."""
-    def walk(low, high, step):
-        values = np.empty(n)
-        values[0] = rng.uniform(low, high)
-        velocity = 0.0
-        for i in range(1, n):
-            velocity = 0.9 * velocity + rng.normal(0, step)
-            values[i] = values[i - 1] + velocity
-            if not low <= values[i] <= high:
-                values[i] = np.clip(values[i], low, high)
-                velocity = -velocity
-        return values
-    return (walk(*x_range, 0.4), walk(*y_range, 0.3), walk(*side_range, 0.3), walk(-12, 12, 0.3))
-
-
-def render_video(plan, n, config, rng):
-    """Frames (n, H, W, 3) uint8, labels per annotation id, boxes per annotation id, and crops."""
-    W, H = config.width, config.height
-    ids = [plan.name] if plan.people == 1 else [f"{plan.name}_left", f"{plan.name}_right"]
-    labels = {i: segment_labels(n, rng) for i in ids}
-    base = background(W, H, rng)
-    blur = rng.uniform(0, 0.8)
-    people = []
-    for p, annotation_id in enumerate(ids):
-        if plan.people == 1:
-            x_range, side = (0.35 * W, 0.65 * W), (0.55 * H, 0.75 * H)
-        else:  # left person in the left half, right person in the right half
-            x_range = (0.2 * W, 0.3 * W) if p == 0 else (0.7 * W, 0.8 * W)
-            side = (0.45 * H, 0.55 * H)
-        track = pose_track(n, rng, x_range, (0.42 * H, 0.58 * H), side)
-        # a frame shows another class's face now and then: noise that temporal smoothing removes
-        shown = labels[annotation_id].copy()
-        flips = rng.random(n) < 0.08
-        shown[flips] = rng.integers(0, len(CLASSES), int(flips.sum()))
-        people.append((annotation_id, track, shown, random_skin(rng)))
-    frames = np.empty((n, H, W, 3), dtype=np.uint8)
-    boxes = {i: [] for i in ids}
-    crops = {i: {} for i in ids}
-    for f in range(n):
-        canvas = base.copy()
-        placed = []
-        for annotation_id, (xs, ys, sides, angles), shown, skin in people:
-            if labels[annotation_id][f] == IGNORE_LABEL:  # face turned away: no face, no box, no crop
-                boxes[annotation_id].append(None)
-                continue
-            label = shown[f]
-            face = draw_face(96, expression_for(label, rng), skin)
-            box = paste_face(canvas, face, (xs[f], ys[f]), int(round(sides[f])), float(angles[f]))
-            boxes[annotation_id].append(box)
-            placed.append((annotation_id, box))
-        if blur > 0.3:
-            canvas = canvas.filter(ImageFilter.GaussianBlur(blur))
-        frames[f] = np.asarray(canvas)
-        for annotation_id, box in placed:
-            if rng.random() < 0.05:  # the face detector missed it: no crop for this frame
-                continue
-            crops[annotation_id][f] = aligned_crop(canvas, box, config.crop)
-    return frames, labels, boxes, crops
-
-
-def aligned_crop(image, box, side):
-    """A square crop 1.2x the box around its centre, zero-padded at the border, resized to side."""
-    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    half = 0.6 * max(box[2] - box[0], box[3] - box[1])
-    region = tuple(int(round(v)) for v in (cx - half, cy - half, cx + half, cy + half))
-    return image.crop(region).resize((side, side), Image.BILINEAR)
-
-
-def render_audio(labels_per_id, n_frames, fps, sample_rate, rng):
-    """Mono float32 audio: each person's class tone (from the true labels) plus noise."""
-    samples = int(round(n_frames / fps * sample_rate))
-    frame_of_sample = np.minimum((np.arange(samples) * fps) // sample_rate, n_frames - 1).astype(np.int64)
-    wave = rng.normal(0, 0.03, samples)
-    for labels in labels_per_id.values():
-        per_sample = labels[frame_of_sample]
-        for label in np.unique(per_sample):
-            if label == IGNORE_LABEL:
-                continue
-            where = per_sample == label
-            tone = class_sound(int(label), samples, sample_rate, rng)
-            wave[where] += 0.3 / len(labels_per_id) * tone[where]
-    return (wave * rng.uniform(0.7, 1.0)).astype(np.float32)
-
-
-def yuv420p_frame(rgb):
-    """An (H, W, 3) uint8 RGB image (even H, W) as a yuv420p VideoFrame: BT.601 limited range, chroma the
-    mean of each 2x2 block, every byte of the planes written, line padding included.
-
-    Converting here instead of in FFmpeg keeps the synthetic videos identical on every machine: with
-    PyAV 18's FFmpeg, rgb24 -> yuv420p in swscale gave different pixels from run to run on AVX-512 CPUs
-    (the same seed, the same process), while x264 itself is deterministic at one thread.
-    """
-    height, width, _ = rgb.shape
-    if height % 2 or width % 2:
-        raise EmoError(f"synthetic video frames need an even size, got {width}x{height}")
-    r, g, b = (rgb[..., c].astype(np.int32) for c in range(3))
-    y = (66 * r + 129 * g + 25 * b + 128 >> 8) + 16
-    u = (-38 * r - 74 * g + 112 * b + 128 >> 8) + 128
-    v = (112 * r - 94 * g - 18 * b + 128 >> 8) + 128
-    u, v = ((c.reshape(height // 2, 2, width // 2, 2).sum((1, 3)) + 2) // 4 for c in (u, v))
-    frame = av.VideoFrame(width, height, "yuv420p")
-    for plane, values in zip(frame.planes, (y, u, v)):
-        rows = np.zeros((plane.buffer_size // plane.line_size, plane.line_size), np.uint8)
-        rows[:values.shape[0], :values.shape[1]] = np.clip(values, 0, 255)
-        plane.update(rows)
-    return frame
-
-
-def write_video(path, frames, fps, audio, sample_rate, container_format):
-    """Encode frames (and mono audio, if given) with PyAV: H.264 + AAC in .mp4, MPEG-4 + PCM in .avi."""
-    n, H, W, _ = frames.shape
-    with atomic_path(path) as tmp, av.open(str(tmp), "w", format=container_format) as out:
-        if container_format == "mp4":
-            video = out.add_stream("libx264", rate=fps, options={"crf": "20", "preset": "veryfast"})
-        else:
-            video = out.add_stream("mpeg4", rate=fps)
-            video.bit_rate = 1_500_000
-        video.width, video.height, video.pix_fmt = W, H, "yuv420p"
-        video.codec_context.thread_count = 1  # deterministic output
-        sound = None
-        if audio is not None:
-            if container_format == "mp4":
-                sound = out.add_stream("aac", rate=sample_rate, layout="stereo")
-            else:
-                sound = out.add_stream("pcm_s16le", rate=sample_rate, layout="mono")
-        for i in range(n):
-            frame = yuv420p_frame(frames[i])
-            frame.pts = i
-            for packet in video.encode(frame):
-                out.mux(packet)
-        for packet in video.encode():
-            out.mux(packet)
-        if sound is not None:
-            chunk = 1024
-            for start in range(0, len(audio), chunk):
-                piece = audio[start:start + chunk]
-                if container_format == "mp4":  # stereo, so read_audio has channels to mix
-                    array = np.stack([piece, piece]).astype(np.float32)
-                    frame = av.AudioFrame.from_ndarray(array, format="fltp", layout="stereo")
-                else:
-                    array = (np.clip(piece, -1, 1) * 32767).astype(np.int16)[None]
-                    frame = av.AudioFrame.from_ndarray(array, format="s16", layout="mono")
-                frame.sample_rate = sample_rate
-                frame.pts = start
-                frame.time_base = Fraction(1, sample_rate)
-                for packet in sound.encode(frame):
-                    out.mux(packet)
-            for packet in sound.encode():
-                out.mux(packet)
-
-
-def write_annotation(path, labels):
-    """An ABAW EXPR file: the header, then one integer per frame (-1 = ignore)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_text(ABAW_HEADER + "\n" + "".join(f"{int(v)}\n" for v in labels))
-
-
-def save_jpeg(path, image):
-    with atomic_path(path) as tmp:
-        image.convert("RGB").save(tmp, format="JPEG", quality=90)
-
-
-def synthesize(config):
-    """Write the synthetic dataset under config.out; returns the manifest (also in manifest.json)."""
-    if config.width % 2 or config.height % 2 or min(config.width, config.height) < 64:
-        raise EmoError(f"--size must be even and at least 64x64, got {config.width}x{config.height}")
-    if config.frames < 40:
-        raise EmoError(f"--frames must be at least 40, got {config.frames}")
-    if config.fps < 1 or config.images < 0:
-        raise EmoError(f"--fps must be at least 1 and --images at least 0, got {config.fps} and {config.images}")
-    out = Path(config.out)
-    prepare_output(out, config.overwrite)
-    rng = np.random.default_rng(config.seed)
-    plans = plan_videos(config)
-    n_validation = max(1, int(round(config.validation * len(plans))))
-    validation = {p.name for p in plans[-n_validation:]}
-    splits = {"Train_Set": [], "Validation_Set": []}
-    records = []
-    for plan in tqdm(plans, desc="synthetic videos", unit="video"):
-        n = int(rng.integers(int(0.75 * config.frames), int(1.25 * config.frames) + 1))
-        frames, labels, boxes, crops = render_video(plan, n, config, rng)
-        split = "Validation_Set" if plan.name in validation else "Train_Set"
-        for annotation_id, values in labels.items():
-            write_annotation(out / "annotations" / "EXPR_Recognition_Challenge" / split / f"{annotation_id}.txt",
-                             values)
-            splits[split].append(annotation_id)
-            folder = out / "cropped_aligned" / annotation_id
-            folder.mkdir(parents=True, exist_ok=True)
-            for f, crop in crops[annotation_id].items():
-                save_jpeg(folder / f"{f + 1:05d}.jpg", crop)
-        rate = config.sample_rate if plan.container == "mp4" else 22050
-        audio = render_audio(labels, n, config.fps, rate, rng) if plan.audio else None
-        video_path = out / plan.file
-        video_path.parent.mkdir(parents=True, exist_ok=True)
-        write_video(video_path, frames, config.fps, audio, rate, plan.container)
-        (out / "boxes").mkdir(parents=True, exist_ok=True)
-        save_json(out / "boxes" / f"{plan.name}.json",
-                  {"video": plan.name, "fps": config.fps, "frames": n, "width": config.width,
-                   "height": config.height, "format": "x0,y0,x1,y1 pixels; null = no face", "boxes": boxes})
-        video_codec, audio_codec = ("h264", "aac") if plan.container == "mp4" else ("mpeg4", "pcm_s16le")
-        records.append({"video": plan.name, "file": plan.file, "frames": n, "split": split,
-                        "ids": list(labels), "audio": plan.audio, "people": plan.people,
-                        "container": plan.container, "video_codec": video_codec,
-                        "audio_codec": audio_codec if plan.audio else None})
-    image_counts = write_images(out / "images", config, rng)
-    manifest = {
-        "seed": config.seed, "fps": config.fps, "width": config.width, "height": config.height,
-        "classes": list(CLASSES), "videos": records, "splits": splits,
-        "no_audio": [r["video"] for r in records if not r["audio"]],
-        "two_person": [r["video"] for r in records if r["people"] == 2],
-        "lookalike": {"classes": list(LOOKALIKE),
-                      "note": "nearly the same face, clearly different sound"},
-        "images": image_counts,
-        "annotations": "annotations/EXPR_Recognition_Challenge/{Train_Set,Validation_Set}/<id>.txt",
-        "cropped_aligned": "cropped_aligned/<id>/<frame, 1-based, 5 digits>.jpg; some frames missing",
-        "boxes": "boxes/<video>.json: per annotation id, one box or null per frame",
-    }
-    save_json(out / "manifest.json", manifest)
-    return manifest
-
-
-SYNTH_OUTPUTS = ("annotations", "cropped_aligned", "videos", "boxes", "images", "manifest.json")
-
-
-def prepare_output(out, overwrite):
-    """Refuse a non-empty folder, unless overwrite and it holds an earlier synthetic dataset.
-
-    Stale files of an earlier run (more frames, other ids) would otherwise mix into the new one.
-    """
-    if out.exists() and not out.is_dir():
-        raise EmoError(f"{out} exists and is not a folder; choose another output folder")
-    if not out.exists() or not any(out.iterdir()):
-        return
-    if not overwrite:
-        raise EmoError(f"{out} is not empty; choose a new folder, or pass --overwrite to replace "
-                       "a synthetic dataset written there before")
-    manifest = out / "manifest.json"
-    try:
-        previous = json.loads(manifest.read_text())
-        made_by_synth = isinstance(previous, dict) and "seed" in previous and "lookalike" in previous
-    except (OSError, ValueError):
-        made_by_synth = False
-    if not made_by_synth:
-        raise EmoError(f"{out} has no synthetic-dataset manifest.json, so --overwrite will not delete "
-                       "anything there; choose a new folder")
-    for name in SYNTH_OUTPUTS:
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-
-
-def write_images(folder, config, rng):
-    """Stage I image-folder dataset: images/<ClassName>/NNNNN.jpg, face crops with pose jitter."""
-    counts = {}
-    side = config.crop
-    for label, name in enumerate(CLASSES):
-        (folder / name).mkdir(parents=True, exist_ok=True)
-        for k in range(config.images):
-            canvas = background(side, side, rng)
-            face = draw_face(96, expression_for(label, rng), random_skin(rng))
-            centre = (side / 2 + rng.normal(0, 4), side / 2 + rng.normal(0, 4))
-            paste_face(canvas, face, centre, int(side * rng.uniform(0.9, 1.1)), float(rng.normal(0, 6)))
-            if rng.random() < 0.3:
-                canvas = canvas.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
-            save_jpeg(folder / name / f"{k:05d}.jpg", canvas)
-        counts[name] = config.images
-    return counts
-
-
 # ---------------------------------------------------------------------------------- command line
-
-
-def _size(text):
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-        return width, height
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 160x120, got {text!r}") from None
 
 
 def main(argv=None):
@@ -2485,36 +2043,9 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("probe", help="print a video's fps, frame count, size, rotation and audio as JSON")
     p.add_argument("video")
-    s = commands.add_parser(
-        "synth", help="write a small seeded synthetic dataset in the ABAW layouts",
-        description="Write a deterministic synthetic dataset: raw videos (H.264/AAC .mp4, an MPEG-4/PCM .avi, "
-        "a silent one, a two-person one with _left/_right ids), ABAW annotation files, cropped_aligned face "
-        "crops (some frames missing), true face boxes, an image-folder set for Stage I and manifest.json. "
-        f"{LOOKALIKE[0]} and {LOOKALIKE[1]} look nearly alike but sound different.")
-    defaults = SynthConfig(out="")
-    s.add_argument("out", help="output folder: new or empty (created if missing)")
-    s.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default %(default)s)")
-    s.add_argument("--videos", type=int, default=defaults.videos, help="raw videos, at least 4 (default %(default)s)")
-    s.add_argument("--frames", type=int, default=defaults.frames,
-                   help="mean frames per video, each 0.75x-1.25x of it (default %(default)s)")
-    s.add_argument("--size", type=_size, default=(defaults.width, defaults.height),
-                   help="frame size WxH, even numbers (default 160x120)")
-    s.add_argument("--fps", type=int, default=defaults.fps, help="frames per second (default %(default)s)")
-    s.add_argument("--images", type=int, default=defaults.images,
-                   help="Stage I images per class (default %(default)s)")
-    s.add_argument("--overwrite", action="store_true",
-                   help="replace a synthetic dataset written to OUT before (only its own files are deleted)")
     args = parser.parse_args(argv)
     if args.command == "probe":
         print(json.dumps(asdict(probe(args.video)), indent=2))
-    elif args.command == "synth":
-        config = SynthConfig(out=args.out, seed=args.seed, videos=args.videos, frames=args.frames,
-                             width=args.size[0], height=args.size[1], fps=args.fps, images=args.images,
-                             overwrite=args.overwrite)
-        manifest = synthesize(config)
-        ids = sum(len(v) for v in manifest["splits"].values())
-        print(f"wrote {len(manifest['videos'])} videos, {ids} annotation ids and "
-              f"{sum(manifest['images'].values())} images to {args.out}")
 
 
 if __name__ == "__main__":

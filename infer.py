@@ -37,12 +37,10 @@ from tqdm import tqdm
 
 import data
 import models
-from emo import CLASSES, EmoError, atomic_path, read_json, resolve_device, run
+from models import CLASSES, EmoError, atomic_path, first_line, resolve_device, run
 
-STAGE2_FORMAT = models.STAGE2_FORMAT
 DEFAULT_DETECTOR = "py-feat/retinaface"  # MobileNet-0.25, used when the checkpoint names no detector
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts")
-PERSONS = ("largest", "left", "right", "all")
+PERSONS = (*data.PEOPLE, "all")
 ABAW_SUBMISSION_HEADER = "image_location," + ",".join(CLASSES)
 CSV_HEADER = "frame,time,label," + ",".join(CLASSES) + ",face,detected,audio"
 # One colour per class (RGB), for the timeline and the annotated video.
@@ -120,17 +118,14 @@ class Predictor:
         detect_every: run the detector on every N-th frame only (the tracker fills the boxes between)
         instead of the checkpoint's setting. batch_size: frames per batch (speed and memory only)."""
         device = resolve_device(device)
-        info = read_stage2_info(ckpt_dir)
+        info = models.read_stage2_info(ckpt_dir)
+        if not info["encoder"]:
+            raise EmoError(f"{Path(ckpt_dir) / 'stage2.json'} names no Stage I encoder (it was trained without "
+                           "--encoder), so the visual features cannot be made again; train it again with "
+                           "--encoder STAGE1_DIR")
         feature_cfg = feature_config(info, ckpt_dir, stride, batch_size, detect_every)
-        try:
-            ensemble, loaded_info = models.load_stage2(ckpt_dir, device)
-        except EmoError as e:
-            raise EmoError(f"{ckpt_dir} does not fit this emo: {e}") from None
-        except (KeyError, ValueError, TypeError, RuntimeError) as e:
-            raise EmoError(f"{ckpt_dir} does not fit this emo ({_first_line(e)}); "
-                           "train it again with this version's train.py --stage 2") from None
-        info = {**info, **(loaded_info or {})}
-        encoder = data.load_encoder(_resolve(info["encoder"], ckpt_dir), device)
+        ensemble, _ = models.load_stage2(ckpt_dir, device, info)
+        encoder = models.load_encoder(_resolve(info["encoder"], ckpt_dir), device)
         w2v = None
         if info.get("audio_model"):
             w2v = models.Wav2Vec2.from_pretrained(_resolve(info["audio_model"], ckpt_dir),
@@ -202,41 +197,12 @@ class Predictor:
         return self._audio_only
 
 
-def read_stage2_info(ckpt_dir):
-    """stage2.json of a checkpoint directory, after the checks that need no model code."""
-    ckpt = Path(ckpt_dir)
-    if not ckpt.exists():
-        raise EmoError(f"checkpoint {ckpt} does not exist; pass --ckpt with the --out folder of train.py --stage 2 "
-                       "(python emo.py demo makes a small one)")
-    if not ckpt.is_dir():
-        raise EmoError(f"checkpoint {ckpt} is not a folder; pass the --out folder of train.py --stage 2")
-    if not (ckpt / "stage2.json").is_file():
-        hint = " (that is a Stage I run; pass the Stage II one)" if (ckpt / "best").is_dir() or \
-            (ckpt / "model.safetensors").is_file() else ""
-        raise EmoError(f"{ckpt} is not a Stage II checkpoint: it has no stage2.json{hint}")
-    info = read_json(ckpt / "stage2.json")
-    if not isinstance(info, dict) or info.get("format") != STAGE2_FORMAT:
-        found = info.get("format") if isinstance(info, dict) else type(info).__name__
-        raise EmoError(f"{ckpt / 'stage2.json'} has format {found!r}, this emo reads {STAGE2_FORMAT!r}; "
-                       "train the checkpoint again with this version")
-    missing = [k for k in ("encoder", "features", "fold_files") if k not in info]
-    if missing:
-        raise EmoError(f"{ckpt / 'stage2.json'} lacks {', '.join(missing)}; the checkpoint is incomplete")
-    if not info["encoder"]:
-        raise EmoError(f"{ckpt / 'stage2.json'} names no Stage I encoder (it was trained without --encoder), so "
-                       "the visual features cannot be made again; train it again with --encoder STAGE1_DIR")
-    absent = [f for f in info["fold_files"] if not (ckpt / f).is_file()]
-    if not info["fold_files"] or absent:
-        raise EmoError(f"{ckpt} is incomplete: fold file {absent[0] if absent else '(none listed)'} is missing")
-    return info
-
-
 def feature_config(info, ckpt_dir, stride=1, batch_size=None, detect_every=None):
     """data.FeatureConfig of the checkpoint, with --stride, --batch-size and --detect-every applied."""
     try:
         cfg = data.FeatureConfig(**info["features"])
     except TypeError as e:
-        raise EmoError(f"{ckpt_dir}: feature settings do not fit this emo ({_first_line(e)})") from None
+        raise EmoError(f"{ckpt_dir}: feature settings do not fit this emo ({first_line(e)})") from None
     names = {f.name for f in dataclasses.fields(cfg)}
     if stride != 1:
         if "stride" not in names:
@@ -267,11 +233,6 @@ def _resolve(source, ckpt_dir):
     return source
 
 
-def _first_line(error):
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 # ------------------------------------------------------------------------------------ the pipeline
 
 def person_rules(person):
@@ -279,12 +240,6 @@ def person_rules(person):
     if person not in PERSONS:
         raise EmoError(f"unknown --person {person!r}: use {', '.join(PERSONS)}")
     return ("left", "right") if person == "all" else (person,)
-
-
-def prediction_id(stem, rule):
-    """`<stem>` for the largest face; `<stem>_left` / `<stem>_right`, as ABAW names the annotation ids of
-    two-person videos, for the left / right one."""
-    return stem if rule == "largest" else f"{stem}_{rule}"
 
 
 def same_track(boxes_a, boxes_b):
@@ -300,7 +255,7 @@ def people(stem, person, found):
     with rule largest (the only track is also the largest one)."""
     if person == "all" and len(found) == 2 and same_track(found[0][1].boxes, found[1][1].boxes):
         return [(stem, "largest", found[0][1])]
-    return [(prediction_id(stem, rule), rule, features) for rule, features in found]
+    return [(data.annotation_id(stem, rule), rule, features) for rule, features in found]
 
 
 def predict_video(video, predictor, person="largest", fail_without_face=False, progress=False, warn=None,
@@ -563,9 +518,9 @@ def find_inputs(paths):
     for given in paths:
         path = Path(given)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in data.VIDEO_SUFFIXES and p.is_file())
             if not found:
-                raise EmoError(f"{path} holds no videos ({', '.join(VIDEO_SUFFIXES)})")
+                raise EmoError(f"{path} holds no videos ({', '.join(data.VIDEO_SUFFIXES)})")
             videos += found
         elif path.exists():
             videos.append(path)

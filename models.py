@@ -1,4 +1,5 @@
-"""The networks of emo, in plain PyTorch.
+"""The networks of emo, in plain PyTorch, and the vocabulary every other file shares (the bottom of the
+import graph: models <- data <- train, infer <- emo).
 
     ViT         DINOv2 image encoder (small/base/large/giant, with or without registers)
     Wav2Vec2    wav2vec 2.0 speech encoder (base-style and large-LV60-style)
@@ -9,9 +10,16 @@
 Each loads its checkpoint with `Model.from_pretrained(name_or_path, revision=None)`, from a local
 directory or a hub repo id; the encoders compute what transformers computes for them. The classes
 themselves depend only on torch: copy one into your project and build it from its config dataclass.
+
+The shared vocabulary comes first: the 8 ABAW classes, EmoError (a problem with what the user gave
+us), atomic files and checkpoints, where model weights come from, and the command lines' runner.
 """
+import contextlib
+import json
 import math
+import os
 import re
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -21,28 +29,238 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.checkpoint import checkpoint
 
-from emo import (EmoError, atomic_path, fetch_weights_file, load_pretrained, read_json, read_safetensors,
-                 read_torch_weights, save_json)
+CLASSES = ("Neutral", "Anger", "Disgust", "Fear", "Happiness", "Sadness", "Surprise", "Other")
+NUM_CLASSES = len(CLASSES)
+IGNORE_LABEL = -1  # ABAW marks frames to leave out of training and scoring with -1
+
+
+class EmoError(Exception):
+    """A problem with what the user gave us. Command lines print it as one line and exit with 2."""
+
+
+def first_line(error):
+    """An exception's message in one line, for an EmoError that names its cause (FFmpeg's errors: strerror)."""
+    text = (getattr(error, "strerror", None) or str(error)).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+
+# ----------------------------------------------------------------------------- checkpoint files
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary name beside `path`; it replaces `path` only if the block completes.
+
+    A run killed halfway leaves the old file (or none), never a half-written one.
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_json(path, obj):
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save_checkpoint(directory, state_dict, config, name="model"):
+    """Write `<name>.safetensors` (the weights) and `<name>.json` (the config) into `directory`."""
+    from safetensors.torch import save_file
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    with atomic_path(directory / f"{name}.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    save_json(directory / f"{name}.json", config)
+
+
+def load_checkpoint(directory, name="model"):
+    """Read back what save_checkpoint wrote: (state_dict, config)."""
+    directory = Path(directory)
+    return read_safetensors(directory / f"{name}.safetensors"), read_json(directory / f"{name}.json")
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise EmoError(f"{path} does not exist") from None
+    except (OSError, ValueError) as e:
+        raise EmoError(f"{path} is not readable JSON ({e}); delete it and write or download it again") from None
+
+
+def read_safetensors(path):
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise EmoError(f"{path} does not exist") from None
+    except Exception as e:  # safetensors raises its own error type for damaged files
+        raise EmoError(f"{path} is not a readable safetensors file ({e}); "
+                       "delete it and write or download it again") from None
+
+
+# --------------------------------------------------------------------------------- model sources
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def model_source(name_or_path, revision=None):
+    """(fetch, where) for a local model directory or a Hugging Face hub repo id: fetch(filename)
+    gives the file's local path (downloaded into the hub cache if need be) or None if it is absent;
+    `where` names the source in messages."""
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        return (lambda filename: local / filename if (local / filename).is_file() else None), str(local)
+    if local.exists():
+        raise EmoError(f"{name_or_path} is not a model directory")
+    if str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:  # a path, not a repo id
+        raise EmoError(f"{name_or_path} does not exist")
+    where = f"{name_or_path}" + (f" (revision {revision})" if revision else "")
+    return _hub_fetcher(str(name_or_path), revision), where
+
+
+def _no_weights(where, filenames, name_or_path):
+    hub = not Path(name_or_path).expanduser().is_dir()
+    return EmoError(f"{where} has no weights: looked for {', '.join(filenames)}"
+                    + (" in the hub and, offline, in the Hugging Face cache" if hub else ""))
+
+
+def load_pretrained(name_or_path, revision=None):
+    """(config dict, tensors) of a Hugging Face model: a local directory or a hub repo id.
+
+    Hub files go through huggingface-hub, so its cache, HF_HOME and HF_HUB_OFFLINE=1 behave as
+    users expect. Weights come from safetensors; a repo that only has `pytorch_model.bin` is read
+    with torch.load(weights_only=True), which cannot run code.
+    """
+    fetch, where = model_source(name_or_path, revision)
+    config_file = fetch("config.json")
+    if config_file is None:
+        raise EmoError(f"{where} has no config.json")
+    config = read_json(config_file)
+    for filename in WEIGHT_FILES:
+        weights_file = fetch(filename)
+        if weights_file is None:
+            continue
+        if filename.endswith(".index.json"):
+            shards = sorted(set(read_json(weights_file).get("weight_map", {}).values()))
+            tensors = {}
+            for shard in shards:
+                shard_file = fetch(shard)
+                if shard_file is None:
+                    raise EmoError(f"{where} lists weight shard {shard} but it is missing")
+                tensors.update(read_safetensors(shard_file))
+            return config, tensors
+        if filename.endswith(".bin"):
+            return config, read_torch_weights(weights_file)
+        return config, read_safetensors(weights_file)
+    raise _no_weights(where, WEIGHT_FILES, name_or_path)
+
+
+def fetch_weights_file(name_or_path, filenames, revision=None):
+    """Path of a weights file: `name_or_path` itself if it is a file, else the first of `filenames`
+    found in that local directory or hub repo (the later ones are not downloaded)."""
+    if Path(name_or_path).expanduser().is_file():
+        return Path(name_or_path).expanduser()
+    fetch, where = model_source(name_or_path, revision)
+    found = next((path for path in map(fetch, filenames) if path is not None), None)
+    if found is None:
+        raise _no_weights(where, filenames, name_or_path)
+    return found
+
+
+def read_torch_weights(path):
+    """A .bin / .pth state dict through torch.load(weights_only=True), which cannot run code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise EmoError(f"{path} is not a readable weights file ({e})") from None
+
+
+def _hub_fetcher(repo_id, revision):
+    """fetch(filename) -> local path in the hub cache, or None where the repo has no such file."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    def fetch(filename):
+        try:
+            return Path(hf_hub_download(repo_id, filename, revision=revision))
+        except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+            raise EmoError(f"cannot load {repo_id}: {first_line(e)}") from None
+        except LocalEntryNotFoundError:  # offline, and the cache lacks it: a subclass of the next one
+            if filename == "config.json":
+                raise EmoError(
+                    f"cannot load {repo_id}" + (f" at revision {revision}" if revision else "")
+                    + ": it is not in the Hugging Face cache and the hub cannot be reached "
+                    "(offline, or HF_HUB_OFFLINE=1); download it once online, or pass a local directory"
+                ) from None
+            return None
+        except EntryNotFoundError:
+            return None
+    return fetch
+
+
+def resolve_device(device=None):
+    """A torch.device from a --device value: None or "auto" is cuda when there is one, else cpu."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise EmoError(f"unknown device {device!r} ({first_line(e)}); use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EmoError(f"--device {device} but no CUDA device is available; use --device cpu")
+    return device
+
+
+def run(main, argv=None):
+    """Run a command line's main: an EmoError becomes one `error: ...` line and exit status 2."""
+    try:
+        main(argv)
+    except EmoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 
 
 # ------------------------------------------------------------------------------ building blocks
 
-def linear(x, weight, bias=None, gelu=False):
-    """F.linear, then exact GELU if asked.
+class Linear(nn.Linear):
+    """nn.Linear, then exact GELU if gelu=True.
 
-    On CPU in fp32 outside autograd this is one oneDNN call that adds the bias and applies the
-    GELU inside the matrix product (the kernel torch.compile's CPU backend uses), sparing the
-    separate passes over the output that PyTorch's eager ops make: about 8% of a ViT-L forward.
+    On CPU in fp32 outside autograd the product, bias and GELU are one oneDNN call (the kernel
+    torch.compile's CPU backend uses), sparing the separate passes over the output that PyTorch's
+    eager ops make: about 8% of a ViT-L forward. Its weights are nn.Linear's, under the same names.
     """
-    if (_onednn_linear is not None and x.device.type == "cpu" and x.dtype == torch.float32
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and not torch.compiler.is_compiling()):  # inductor lowers this op only for frozen constants
-        return _onednn_linear(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
-    x = F.linear(x, weight, bias)
-    return F.gelu(x) if gelu else x
+
+    def __init__(self, in_features, out_features, bias=True, gelu=False):
+        super().__init__(in_features, out_features, bias)
+        self.gelu = gelu
+
+    def forward(self, x):
+        return self.compute(x, self.weight, self.bias, self.gelu)
+
+    @staticmethod
+    def compute(x, weight, bias=None, gelu=False):
+        """The layer's computation with the given weights (for a convolution written as a product)."""
+        if (_ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == torch.float32
+                and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+                and not torch.compiler.is_compiling()):  # inductor lowers this op only for frozen constants
+            return _ONEDNN_LINEAR(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
+        x = F.linear(x, weight, bias)
+        return F.gelu(x) if gelu else x
 
 
-_onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
 
 def gelu(x):
@@ -57,17 +275,17 @@ class Attention(nn.Module):
     def __init__(self, dim, num_heads, qkv_bias=True):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x, mask=None, queries=None):
         """x: (batch, tokens, dim); mask: None or bool (batch, 1, 1, tokens), True = attend to that key.
         queries=n: outputs for the first n tokens only (all tokens are still attended to)."""
         batch, tokens, dim = x.shape
-        qkv = linear(x, self.qkv.weight, self.qkv.bias)
+        qkv = self.qkv(x)
         q, k, v = qkv.view(batch, tokens, 3, self.num_heads, -1).transpose(1, 3).unbind(2)
         x = F.scaled_dot_product_attention(q[:, :, :queries], k, v, attn_mask=mask)
-        return linear(x.transpose(1, 2).reshape(batch, -1, dim), self.proj.weight, self.proj.bias)
+        return self.proj(x.transpose(1, 2).reshape(batch, -1, dim))
 
 
 class Mlp(nn.Module):
@@ -76,16 +294,15 @@ class Mlp(nn.Module):
     def __init__(self, dim, hidden, swiglu=False):
         super().__init__()
         self.swiglu = swiglu
-        self.fc1 = nn.Linear(dim, 2 * hidden if swiglu else hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, 2 * hidden if swiglu else hidden, gelu=not swiglu)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x):
+        x = self.fc1(x)
         if self.swiglu:
-            gate, x = linear(x, self.fc1.weight, self.fc1.bias).chunk(2, dim=-1)
+            gate, x = x.chunk(2, dim=-1)
             x = F.silu(gate) * x
-        else:
-            x = linear(x, self.fc1.weight, self.fc1.bias, gelu=True)
-        return linear(x, self.fc2.weight, self.fc2.bias)
+        return self.fc2(x)
 
 
 def drop_path(x, rate, training):
@@ -119,9 +336,9 @@ class ViTConfig:
     def from_hf(cls, hf, **overrides):
         """From a transformers Dinov2Config / Dinov2WithRegistersConfig dict."""
         if hf.get("model_type") not in ("dinov2", "dinov2_with_registers"):
-            raise EmoError(f"expected a DINOv2 config (model_type dinov2), got model_type {hf.get('model_type')!r}")
+            raise ValueError(f"expected a DINOv2 config (model_type dinov2), got model_type {hf.get('model_type')!r}")
         if hf.get("hidden_act", "gelu") != "gelu":
-            raise EmoError(f"unsupported DINOv2 activation {hf['hidden_act']!r} (emo implements gelu)")
+            raise ValueError(f"unsupported DINOv2 activation {hf['hidden_act']!r} (emo implements gelu)")
         values = {f.name: hf[f.name] for f in fields(cls) if f.name in hf}
         values.setdefault("image_size", 224)  # transformers' default
         if hf["model_type"] == "dinov2_with_registers":
@@ -218,20 +435,24 @@ class ViT(nn.Module):
         return self.norm(x)
 
 
-_VIT_FROM_HF = [  # Hugging Face tensor name -> emo tensor name
-    (r"embeddings\.cls_token", "cls_token"),
-    (r"embeddings\.position_embeddings", "pos_embed"),
-    (r"embeddings\.register_tokens", "register_tokens"),
-    (r"embeddings\.patch_embeddings\.projection\.(\w+)", r"patch_embed.\1"),
-    (r"encoder\.layer\.(\d+)\.attention\.attention\.(q)uery\.(\w+)", r"blocks.\1.attn.\2.\3"),
-    (r"encoder\.layer\.(\d+)\.attention\.attention\.(k)ey\.(\w+)", r"blocks.\1.attn.\2.\3"),
-    (r"encoder\.layer\.(\d+)\.attention\.attention\.(v)alue\.(\w+)", r"blocks.\1.attn.\2.\3"),
-    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.(\w+)", r"blocks.\1.attn.proj.\2"),
-    (r"encoder\.layer\.(\d+)\.layer_scale([12])\.lambda1", r"blocks.\1.ls\2"),
-    (r"encoder\.layer\.(\d+)\.(norm[12])\.(\w+)", r"blocks.\1.\2.\3"),
-    (r"encoder\.layer\.(\d+)\.mlp\.(?:fc1|weights_in)\.(\w+)", r"blocks.\1.mlp.fc1.\2"),
-    (r"encoder\.layer\.(\d+)\.mlp\.(?:fc2|weights_out)\.(\w+)", r"blocks.\1.mlp.fc2.\2"),
-    (r"layernorm\.(\w+)", r"norm.\1"),
+_VIT_NAMES = [  # (transformers name, emo name), for reading and writing; {i}: a block, {w}: weight or bias
+    ("embeddings.cls_token", "cls_token"),
+    ("embeddings.position_embeddings", "pos_embed"),
+    ("embeddings.register_tokens", "register_tokens"),
+    ("embeddings.patch_embeddings.projection.{w}", "patch_embed.{w}"),
+    ("encoder.layer.{i}.attention.attention.query.{w}", "blocks.{i}.attn.q.{w}"),
+    ("encoder.layer.{i}.attention.attention.key.{w}", "blocks.{i}.attn.k.{w}"),
+    ("encoder.layer.{i}.attention.attention.value.{w}", "blocks.{i}.attn.v.{w}"),
+    ("encoder.layer.{i}.attention.output.dense.{w}", "blocks.{i}.attn.proj.{w}"),
+    ("encoder.layer.{i}.layer_scale1.lambda1", "blocks.{i}.ls1"),
+    ("encoder.layer.{i}.layer_scale2.lambda1", "blocks.{i}.ls2"),
+    ("encoder.layer.{i}.norm1.{w}", "blocks.{i}.norm1.{w}"),
+    ("encoder.layer.{i}.norm2.{w}", "blocks.{i}.norm2.{w}"),
+    ("encoder.layer.{i}.mlp.fc1.{w}", "blocks.{i}.mlp.fc1.{w}"),
+    ("encoder.layer.{i}.mlp.fc2.{w}", "blocks.{i}.mlp.fc2.{w}"),
+    ("encoder.layer.{i}.mlp.weights_in.{w}", "blocks.{i}.mlp.fc1.{w}"),  # the giant's SwiGLU MLP, as its hub
+    ("encoder.layer.{i}.mlp.weights_out.{w}", "blocks.{i}.mlp.fc2.{w}"),  # files spell it
+    ("layernorm.{w}", "norm.{w}"),
 ]
 
 
@@ -240,7 +461,7 @@ def vit_state_dict_from_hf(tensors):
 
     Heads (`classifier.*`) and the pre-training mask token are left out on purpose.
     """
-    state = rename_from_hf(tensors, _VIT_FROM_HF, prefix="dinov2.", backbone=r"(embeddings|encoder|layernorm)\.",
+    state = rename_from_hf(tensors, _VIT_NAMES, prefix="dinov2.", backbone=r"(embeddings|encoder|layernorm)\.",
                            ignore=r"embeddings\.mask_token")
     return fuse_qkv(state)
 
@@ -265,14 +486,13 @@ class SwiGLU(nn.Module):
 
     def __init__(self, dim, hidden, dropout=0.0):
         super().__init__()
-        self.value = nn.Linear(dim, hidden)
-        self.gate = nn.Linear(dim, hidden)
-        self.out = nn.Linear(hidden, dim)
+        self.value = Linear(dim, hidden)
+        self.gate = Linear(dim, hidden)
+        self.out = Linear(hidden, dim)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        x = linear(x, self.value.weight, self.value.bias) * F.silu(linear(x, self.gate.weight, self.gate.bias))
-        return linear(self.dropout(x), self.out.weight, self.out.bias)
+        return self.out(self.dropout(self.value(x) * F.silu(self.gate(x))))
 
 
 class ExpertBlock(nn.Module):
@@ -508,27 +728,6 @@ def smooth_logits(logits, kind="median", window=101, chunk_elements=1 << 24):
     return out.T.to(logits.dtype)
 
 
-def load_stage2(ckpt_dir, device=None):
-    """A Stage II checkpoint directory (train.py --stage 2 --out DIR) -> (FusionEnsemble in eval mode,
-    the stage2.json dict)."""
-    ckpt_dir = Path(ckpt_dir)
-    if not (ckpt_dir / "stage2.json").is_file():
-        raise EmoError(f"{ckpt_dir} is not a Stage II checkpoint (no stage2.json); "
-                       "train one with `python train.py --stage 2 --out DIR`")
-    info = read_json(ckpt_dir / "stage2.json")
-    if info.get("format") != STAGE2_FORMAT:
-        raise EmoError(f"{ckpt_dir / 'stage2.json'} has format {info.get('format')!r}, "
-                       f"this emo reads {STAGE2_FORMAT!r}")
-    if not info.get("fold_files"):
-        raise EmoError(f"{ckpt_dir / 'stage2.json'} lists no fold files")
-    models = []
-    for name in info["fold_files"]:
-        with torch.device("meta"):
-            model = GatedFusion(**info["fusion"])
-        models.append(load_weights(model, read_safetensors(ckpt_dir / name), ckpt_dir / name))
-    return FusionEnsemble(models).to(device).eval(), info
-
-
 # ----------------------------------------------------------------------------------- Wav2Vec2
 
 @dataclass
@@ -552,18 +751,18 @@ class Wav2Vec2Config:
     def from_hf(cls, hf, **overrides):
         """From a transformers Wav2Vec2Config dict."""
         if hf.get("model_type") != "wav2vec2":
-            raise EmoError(f"expected a wav2vec2 config (model_type wav2vec2), got model_type {hf.get('model_type')!r}")
+            raise ValueError(f"expected a wav2vec2 config (model_type wav2vec2), got model_type {hf.get('model_type')!r}")
         for key in ("hidden_act", "feat_extract_activation"):
             if hf.get(key, "gelu") != "gelu":
-                raise EmoError(f"unsupported wav2vec2 {key} {hf[key]!r} (emo implements gelu)")
+                raise ValueError(f"unsupported wav2vec2 {key} {hf[key]!r} (emo implements gelu)")
         if hf.get("add_adapter") or hf.get("adapter_attn_dim"):
-            raise EmoError("wav2vec2 checkpoints with adapter layers are not supported")
+            raise ValueError("wav2vec2 checkpoints with adapter layers are not supported")
         values = {f.name: hf[f.name] for f in fields(cls) if f.name in hf}
         for name in ("conv_dim", "conv_kernel", "conv_stride"):
             if name in values:
                 values[name] = tuple(values[name])
         if values.get("feat_extract_norm", "group") not in ("group", "layer"):
-            raise EmoError(f"unsupported feat_extract_norm {values['feat_extract_norm']!r}")
+            raise ValueError(f"unsupported feat_extract_norm {values['feat_extract_norm']!r}")
         return cls(**{**values, **overrides})
 
 
@@ -581,7 +780,7 @@ class ConvLayer(nn.Module):
 
     def forward(self, x):
         windows = x.unfold(1, self.conv.kernel_size[0], self.conv.stride[0]).flatten(2)
-        x = linear(windows, self.conv.weight.flatten(1), self.conv.bias, gelu=self.norm is None)
+        x = Linear.compute(windows, self.conv.weight.flatten(1), self.conv.bias, gelu=self.norm is None)
         if isinstance(self.norm, nn.GroupNorm):  # each channel over time
             return gelu(self.norm(x.transpose(1, 2)).transpose(1, 2))
         if isinstance(self.norm, nn.LayerNorm):
@@ -627,7 +826,7 @@ class Wav2Vec2(nn.Module):
                       norm="layer" if cfg.feat_extract_norm == "layer" else "group" if i == 0 else None)
             for i in range(len(cfg.conv_dim)))
         self.proj_norm = nn.LayerNorm(cfg.conv_dim[-1], eps=cfg.layer_norm_eps)
-        self.proj = nn.Linear(cfg.conv_dim[-1], cfg.hidden_size)
+        self.proj = Linear(cfg.conv_dim[-1], cfg.hidden_size)
         kernel = cfg.num_conv_pos_embeddings
         self.pos_conv = nn.Conv1d(cfg.hidden_size, cfg.hidden_size, kernel, padding=kernel // 2,
                                   groups=cfg.num_conv_pos_embedding_groups)
@@ -649,7 +848,7 @@ class Wav2Vec2(nn.Module):
         x = wave[:, :, None]
         for layer in self.conv_layers:
             x = layer(x)
-        x = linear(self.proj_norm(x), self.proj.weight, self.proj.bias)
+        x = self.proj(self.proj_norm(x))
         mask = None
         if attention_mask is not None:
             valid = torch.arange(x.shape[1], device=x.device) < self.num_steps(attention_mask.sum(-1))[:, None]
@@ -686,21 +885,25 @@ def normalize_waveform(wave, attention_mask=None, eps=1e-7):
     return (wave - mean) / torch.sqrt(var + eps) * weight
 
 
-_W2V_FROM_HF = [  # Hugging Face tensor name -> emo tensor name
-    (r"feature_extractor\.conv_layers\.(\d+)\.conv\.(\w+)", r"conv_layers.\1.conv.\2"),
-    (r"feature_extractor\.conv_layers\.(\d+)\.layer_norm\.(\w+)", r"conv_layers.\1.norm.\2"),
-    (r"feature_projection\.layer_norm\.(\w+)", r"proj_norm.\1"),
-    (r"feature_projection\.projection\.(\w+)", r"proj.\1"),
-    (r"encoder\.pos_conv_embed\.conv\.(?:weight_g|parametrizations\.weight\.original0)", "pos_conv.weight_g"),
-    (r"encoder\.pos_conv_embed\.conv\.(?:weight_v|parametrizations\.weight\.original1)", "pos_conv.weight_v"),
-    (r"encoder\.pos_conv_embed\.conv\.bias", "pos_conv.bias"),
-    (r"encoder\.layer_norm\.(\w+)", r"norm.\1"),
-    (r"encoder\.layers\.(\d+)\.attention\.([qkv])_proj\.(\w+)", r"layers.\1.attn.\2.\3"),
-    (r"encoder\.layers\.(\d+)\.attention\.out_proj\.(\w+)", r"layers.\1.attn.proj.\2"),
-    (r"encoder\.layers\.(\d+)\.layer_norm\.(\w+)", r"layers.\1.norm1.\2"),
-    (r"encoder\.layers\.(\d+)\.final_layer_norm\.(\w+)", r"layers.\1.norm2.\2"),
-    (r"encoder\.layers\.(\d+)\.feed_forward\.intermediate_dense\.(\w+)", r"layers.\1.mlp.fc1.\2"),
-    (r"encoder\.layers\.(\d+)\.feed_forward\.output_dense\.(\w+)", r"layers.\1.mlp.fc2.\2"),
+_W2V_NAMES = [  # (transformers name, emo name), for reading and writing; {i}: a layer, {w}: weight or bias
+    ("feature_extractor.conv_layers.{i}.conv.{w}", "conv_layers.{i}.conv.{w}"),
+    ("feature_extractor.conv_layers.{i}.layer_norm.{w}", "conv_layers.{i}.norm.{w}"),
+    ("feature_projection.layer_norm.{w}", "proj_norm.{w}"),
+    ("feature_projection.projection.{w}", "proj.{w}"),
+    ("encoder.pos_conv_embed.conv.parametrizations.weight.original0", "pos_conv.weight_g"),
+    ("encoder.pos_conv_embed.conv.parametrizations.weight.original1", "pos_conv.weight_v"),
+    ("encoder.pos_conv_embed.conv.weight_g", "pos_conv.weight_g"),  # as older transformers saved them
+    ("encoder.pos_conv_embed.conv.weight_v", "pos_conv.weight_v"),
+    ("encoder.pos_conv_embed.conv.bias", "pos_conv.bias"),
+    ("encoder.layer_norm.{w}", "norm.{w}"),
+    ("encoder.layers.{i}.attention.q_proj.{w}", "layers.{i}.attn.q.{w}"),
+    ("encoder.layers.{i}.attention.k_proj.{w}", "layers.{i}.attn.k.{w}"),
+    ("encoder.layers.{i}.attention.v_proj.{w}", "layers.{i}.attn.v.{w}"),
+    ("encoder.layers.{i}.attention.out_proj.{w}", "layers.{i}.attn.proj.{w}"),
+    ("encoder.layers.{i}.layer_norm.{w}", "layers.{i}.norm1.{w}"),
+    ("encoder.layers.{i}.final_layer_norm.{w}", "layers.{i}.norm2.{w}"),
+    ("encoder.layers.{i}.feed_forward.intermediate_dense.{w}", "layers.{i}.mlp.fc1.{w}"),
+    ("encoder.layers.{i}.feed_forward.output_dense.{w}", "layers.{i}.mlp.fc2.{w}"),
 ]
 
 
@@ -710,7 +913,7 @@ def wav2vec2_state_dict_from_hf(tensors):
     The CTC head, quantizer, pre-training projections and SpecAugment's mask vector are left out
     on purpose. The weight-normed positional convolution is folded into one plain weight.
     """
-    state = rename_from_hf(tensors, _W2V_FROM_HF, prefix="wav2vec2.",
+    state = rename_from_hf(tensors, _W2V_NAMES, prefix="wav2vec2.",
                            backbone=r"(feature_extractor|feature_projection|encoder|adapter)\.")
     if "pos_conv.weight_g" in state and "pos_conv.weight_v" in state:
         g, v = state.pop("pos_conv.weight_g"), state.pop("pos_conv.weight_v")
@@ -875,7 +1078,7 @@ class RetinaFace(nn.Module):
     def __init__(self, cfg: RetinaFaceConfig):
         super().__init__()
         if cfg.backbone not in BACKBONE_CHANNELS:
-            raise EmoError(f"unknown RetinaFace backbone {cfg.backbone!r} (emo has {', '.join(BACKBONE_CHANNELS)})")
+            raise ValueError(f"unknown RetinaFace backbone {cfg.backbone!r} (emo has {', '.join(BACKBONE_CHANNELS)})")
         self.cfg = cfg
         self.body = MobileNetBody() if cfg.backbone == "mobilenet0.25" else ResNet34Body()
         self.fpn = FPN(BACKBONE_CHANNELS[cfg.backbone], cfg.out_channels)
@@ -897,8 +1100,11 @@ class RetinaFace(nn.Module):
         if not isinstance(tensors, dict):
             raise EmoError(f"{path} holds a {type(tensors).__name__}, not a state dict of RetinaFace weights")
         state = retinaface_state_dict(tensors)
-        with torch.device("meta"):
-            model = cls(retinaface_config_from_state(state, backbone))
+        try:
+            with torch.device("meta"):
+                model = cls(retinaface_config_from_state(state, backbone))
+        except ValueError as e:
+            raise EmoError(f"{path}: {e}") from None
         return load_weights(model, state, str(path)).fuse_for_inference()
 
     def fuse_for_inference(self):
@@ -1023,23 +1229,44 @@ def retinaface_config_from_state(state, backbone=None):
 
 # ------------------------------------------------------------------------------ loading weights
 
-def rename_from_hf(tensors, renames, prefix, backbone, ignore=None):
-    """Rename the backbone's tensors by the (pattern, replacement) table.
+def _name_pattern(template):
+    """A regular expression for a name table's template: {i} an index, {w} a tensor's own name."""
+    return re.compile(re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{w\}", r"(?P<w>\w+)"))
+
+
+def rename(name, names, to_hf=False):
+    """A tensor's name through a (transformers name, emo name) table, either way; None if no entry knows it."""
+    for hf_name, emo_name in names:
+        source, target = (emo_name, hf_name) if to_hf else (hf_name, emo_name)
+        match = _name_pattern(source).fullmatch(name)
+        if match:
+            return target.format(**match.groupdict())
+    return None
+
+
+def rename_from_hf(tensors, names, prefix, backbone, ignore=None):
+    """The backbone's tensors under emo's names (the `names` table).
 
     Names outside the backbone (task heads and the like) are dropped; a backbone name that no
-    pattern knows is kept as is, so that load_weights reports it as unexpected.
+    entry knows is kept as is, so that load_weights reports it as unexpected.
     """
     state = {}
     for name, tensor in tensors.items():
         name = name.removeprefix(prefix)
-        if not re.match(backbone, name) or (ignore and re.fullmatch(ignore, name)):
-            continue
-        for pattern, replacement in renames:
-            if re.fullmatch(pattern, name):
-                name = re.sub(pattern, replacement, name)
-                break
-        state[name] = tensor
+        if re.match(backbone, name) and not (ignore and re.fullmatch(ignore, name)):
+            state[rename(name, names) or name] = tensor
     return state
+
+
+def rename_to_hf(state, names, model_name):
+    """transformers' names of an emo state dict (the `names` table, its first entry that fits)."""
+    hf = {}
+    for name, tensor in state.items():
+        hf_name = rename(name, names, to_hf=True)
+        if hf_name is None:
+            raise ValueError(f"no {model_name} name for the tensor {name}")
+        hf[hf_name] = tensor
+    return hf
 
 
 def fuse_qkv(state):
@@ -1051,11 +1278,20 @@ def fuse_qkv(state):
     return state
 
 
+def split_qkv(state):
+    """The inverse of fuse_qkv: each fused qkv projection as separate q, k and v ones."""
+    state = dict(state)
+    for name in [n for n in state if ".attn.qkv." in n]:
+        for part, piece in zip("qkv", state.pop(name).chunk(3)):
+            state[name.replace(".attn.qkv.", f".attn.{part}.")] = piece
+    return state
+
+
 def from_hf_checkpoint(model_class, config_class, convert, name_or_path, revision, overrides):
     hf_config, tensors = load_pretrained(name_or_path, revision)
     try:
         cfg = config_class.from_hf(hf_config, **overrides)
-    except EmoError as e:
+    except ValueError as e:  # the configs trust nothing but raise ValueError: the user's file, named here
         raise EmoError(f"{name_or_path}: {e}") from None
     with torch.device("meta"):  # no time spent initialising weights that are about to be replaced
         model = model_class(cfg)
@@ -1079,71 +1315,119 @@ def load_weights(model, state, source):
     return model.eval()
 
 
+# ------------------------------------------------------------ emo's checkpoints: Stage I and Stage II
+
+def stage1_directory(stage1_dir):
+    """The checkpoint directory of a Stage I run: stage1_dir itself, or its best/, else its last/."""
+    directory = Path(stage1_dir)
+    if not (directory / "model.json").is_file():
+        found = [directory / sub for sub in ("best", "last") if (directory / sub / "model.json").is_file()]
+        if not found:
+            raise EmoError(f"{stage1_dir} is not a Stage I checkpoint: no model.json in it or in its best/ or last/; "
+                           "pass the --out directory of train.py --stage 1 (or its best/)")
+        directory = found[0]
+    return directory
+
+
+def stage1_config(stage1_dir):
+    """The train.py config a Stage I checkpoint was trained with (a dict; {} when it records none)."""
+    info = read_json(stage1_directory(stage1_dir) / "model.json")
+    config = info.get("config") if isinstance(info, dict) else None
+    return config if isinstance(config, dict) else {}
+
+
+def load_encoder(stage1_dir, device=None):
+    """The Stage I EmotionClassifier of a run's best/ or last/ directory (or the run directory,
+    which means its best/, else last/), in eval mode on `device`.
+
+    The architecture comes from the saved JSON config: the backbone's config.json only (a local
+    directory or the hub), as the weights file holds the whole model.
+    """
+    directory = stage1_directory(stage1_dir)
+    state, info = load_checkpoint(directory)
+    config = info.get("config") if isinstance(info, dict) else None
+    if not isinstance(config, dict) or not config.get("backbone"):
+        raise EmoError(f"{directory / 'model.json'} has no Stage I config with a backbone; "
+                       "is it a train.py checkpoint?")
+    fetch, where = model_source(config["backbone"], config.get("revision"))
+    config_file = fetch("config.json")
+    if config_file is None:
+        raise EmoError(f"the Stage I backbone {where} has no config.json")
+    try:
+        vit_cfg = ViTConfig.from_hf(read_json(config_file))
+    except ValueError as e:
+        raise EmoError(f"{where}: {e}") from None
+    head = config.get("head", "moe")
+    if head not in ("moe", "linear"):
+        raise EmoError(f"{directory / 'model.json'}: unknown head {head!r}")
+    with torch.device("meta"):
+        dim = vit_cfg.hidden_size
+        model = EmotionClassifier(ViT(vit_cfg), MoEHead(dim, len(CLASSES)) if head == "moe"
+                                  else LinearHead(dim, len(CLASSES)))
+    return load_weights(model, state, str(directory)).to(device or "cpu").eval()
+
+
+def read_stage2_info(ckpt_dir):
+    """stage2.json of a Stage II checkpoint directory (train.py --stage 2 --out DIR), checked: the format
+    this emo reads and the keys it needs."""
+    ckpt = Path(ckpt_dir)
+    if not ckpt.exists():
+        raise EmoError(f"checkpoint {ckpt} does not exist; pass --ckpt with the --out folder of train.py --stage 2 "
+                       "(python emo.py demo makes a small one)")
+    if not ckpt.is_dir():
+        raise EmoError(f"checkpoint {ckpt} is not a folder; pass the --out folder of train.py --stage 2")
+    if not (ckpt / "stage2.json").is_file():
+        hint = " (that is a Stage I run; pass the Stage II one)" if (ckpt / "best").is_dir() or \
+            (ckpt / "model.safetensors").is_file() else ""
+        raise EmoError(f"{ckpt} is not a Stage II checkpoint: it has no stage2.json{hint}")
+    info = read_json(ckpt / "stage2.json")
+    if not isinstance(info, dict) or info.get("format") != STAGE2_FORMAT:
+        found = info.get("format") if isinstance(info, dict) else type(info).__name__
+        raise EmoError(f"{ckpt / 'stage2.json'} has format {found!r}, this emo reads {STAGE2_FORMAT!r}; "
+                       "train the checkpoint again with this version")
+    missing = [k for k in ("encoder", "features", "fold_files") if k not in info]
+    if missing:
+        raise EmoError(f"{ckpt / 'stage2.json'} lacks {', '.join(missing)}; the checkpoint is incomplete")
+    return info
+
+
+def load_stage2(ckpt_dir, device=None, info=None):
+    """A Stage II checkpoint directory -> (FusionEnsemble in eval mode, the stage2.json dict).
+    info: its read_stage2_info when already read."""
+    info = info or read_stage2_info(ckpt_dir)
+    absent = [f for f in info["fold_files"] if not (Path(ckpt_dir) / f).is_file()]
+    if not info["fold_files"] or absent:
+        raise EmoError(f"{ckpt_dir} is incomplete: fold file {absent[0] if absent else '(none listed)'} is missing")
+    folds = []
+    for name in info["fold_files"]:
+        try:
+            with torch.device("meta"):
+                model = GatedFusion(**info["fusion"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise EmoError(f"{ckpt_dir} does not fit this emo ({first_line(e)}); "
+                           "train it again with this version's train.py --stage 2") from None
+        folds.append(load_weights(model, read_safetensors(Path(ckpt_dir) / name), Path(ckpt_dir) / name))
+    return FusionEnsemble(folds).to(device).eval(), info
+
+
 # ------------------------------------------------------------------- writing Hugging Face checkpoints
 
 def vit_state_dict_to_hf(state, swiglu=False):
     """transformers DINOv2 tensors from an emo ViT state dict: the inverse of vit_state_dict_from_hf."""
-    hf = {}
-    for name, tensor in state.items():
-        block = re.match(r"blocks\.(\d+)\.(.+)", name)
-        if name in ("cls_token", "pos_embed", "register_tokens"):
-            hf[{"cls_token": "embeddings.cls_token", "pos_embed": "embeddings.position_embeddings",
-                "register_tokens": "embeddings.register_tokens"}[name]] = tensor
-        elif name.startswith("patch_embed."):
-            hf[name.replace("patch_embed.", "embeddings.patch_embeddings.projection.")] = tensor
-        elif name.startswith("norm."):
-            hf[name.replace("norm.", "layernorm.")] = tensor
-        elif block:
-            i, rest = block.groups()
-            prefix = f"encoder.layer.{i}."
-            if rest.startswith("attn.qkv."):
-                kind = rest.rsplit(".", 1)[1]
-                for part, piece in zip(("query", "key", "value"), tensor.chunk(3)):
-                    hf[f"{prefix}attention.attention.{part}.{kind}"] = piece
-            else:
-                rest = (rest.replace("attn.proj.", "attention.output.dense.")
-                        .replace("ls1", "layer_scale1.lambda1").replace("ls2", "layer_scale2.lambda1"))
-                if swiglu:  # the giant model's MLP, as the hub files spell it
-                    rest = rest.replace("mlp.fc1.", "mlp.weights_in.").replace("mlp.fc2.", "mlp.weights_out.")
-                hf[prefix + rest] = tensor
-        else:
-            raise ValueError(f"no DINOv2 name for the ViT tensor {name}")
-    return hf
+    names = sorted(_VIT_NAMES, key=lambda entry: ".weights_" not in entry[0]) if swiglu else _VIT_NAMES
+    return rename_to_hf(split_qkv(state), names, "DINOv2")
 
 
 def wav2vec2_state_dict_to_hf(state):
     """transformers Wav2Vec2Model tensors from an emo Wav2Vec2 state dict: the inverse of
     wav2vec2_state_dict_from_hf. The positional convolution goes back into its weight-norm form
     (g = the norm over dims 0 and 1, v = the weight), spelled as current transformers saves it."""
-    renames = [(r"conv_layers\.(\d+)\.conv\.(\w+)", r"feature_extractor.conv_layers.\1.conv.\2"),
-               (r"conv_layers\.(\d+)\.norm\.(\w+)", r"feature_extractor.conv_layers.\1.layer_norm.\2"),
-               (r"proj_norm\.(\w+)", r"feature_projection.layer_norm.\1"),
-               (r"proj\.(\w+)", r"feature_projection.projection.\1"),
-               (r"pos_conv\.bias", "encoder.pos_conv_embed.conv.bias"),
-               (r"norm\.(\w+)", r"encoder.layer_norm.\1"),
-               (r"layers\.(\d+)\.attn\.proj\.(\w+)", r"encoder.layers.\1.attention.out_proj.\2"),
-               (r"layers\.(\d+)\.norm1\.(\w+)", r"encoder.layers.\1.layer_norm.\2"),
-               (r"layers\.(\d+)\.norm2\.(\w+)", r"encoder.layers.\1.final_layer_norm.\2"),
-               (r"layers\.(\d+)\.mlp\.fc1\.(\w+)", r"encoder.layers.\1.feed_forward.intermediate_dense.\2"),
-               (r"layers\.(\d+)\.mlp\.fc2\.(\w+)", r"encoder.layers.\1.feed_forward.output_dense.\2")]
-    hf = {}
-    for name, tensor in state.items():
-        qkv = re.fullmatch(r"layers\.(\d+)\.attn\.qkv\.(\w+)", name)
-        if qkv:
-            for part, piece in zip("qkv", tensor.chunk(3)):
-                hf[f"encoder.layers.{qkv[1]}.attention.{part}_proj.{qkv[2]}"] = piece
-        elif name == "pos_conv.weight":
-            conv = "encoder.pos_conv_embed.conv.parametrizations.weight."
-            hf[conv + "original0"] = torch.linalg.vector_norm(tensor, dim=(0, 1), keepdim=True)
-            hf[conv + "original1"] = tensor
-        else:
-            for pattern, replacement in renames:
-                if re.fullmatch(pattern, name):
-                    hf[re.sub(pattern, replacement, name)] = tensor
-                    break
-            else:
-                raise ValueError(f"no wav2vec2 name for the Wav2Vec2 tensor {name}")
-    return hf
+    state = split_qkv(state)
+    if "pos_conv.weight" in state:
+        weight = state.pop("pos_conv.weight")
+        state["pos_conv.weight_g"] = torch.linalg.vector_norm(weight, dim=(0, 1), keepdim=True)
+        state["pos_conv.weight_v"] = weight
+    return rename_to_hf(state, _W2V_NAMES, "wav2vec2")
 
 
 def hf_config(model):

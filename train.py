@@ -20,7 +20,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -38,10 +37,47 @@ from tqdm import tqdm
 import data
 from data import (AffWild2Frames, ImageFolderDataset, check_classes, eval_transform, make_loader, read_annotation,
                   train_transform)
-from emo import (CLASSES, EmoError, atomic_path, confusion_matrix, f1_per_class, load_checkpoint, macro_f1,
-                 resolve_device, run, save_checkpoint, save_json)
-from models import (FUSION_MODES, SMOOTHING_KINDS, STAGE2_FORMAT, EmotionClassifier, GatedFusion, LinearHead,
-                    MoEHead, RetinaFace, ViT, smooth_logits)
+from models import (CLASSES, FUSION_MODES, IGNORE_LABEL, SMOOTHING_KINDS, STAGE2_FORMAT, EmoError, EmotionClassifier,
+                    GatedFusion, LinearHead, MoEHead, RetinaFace, ViT, atomic_path, load_checkpoint, resolve_device,
+                    run, save_checkpoint, save_json, smooth_logits, stage1_config)
+
+
+# ----------------------------------------------------------------------------------- metrics
+
+def confusion_matrix(y_true, y_pred, num_classes=len(CLASSES)):
+    """Counts[true, predicted] over the frames whose true label is not -1."""
+    y_true = np.asarray(y_true).reshape(-1).astype(np.int64)
+    y_pred = np.asarray(y_pred).reshape(-1).astype(np.int64)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"{y_true.size} labels but {y_pred.size} predictions")
+    keep = y_true != IGNORE_LABEL
+    y_true, y_pred = y_true[keep], y_pred[keep]
+    for name, values in (("label", y_true), ("prediction", y_pred)):
+        if values.size and (values.min() < 0 or values.max() >= num_classes):
+            raise ValueError(f"{name}s must lie in 0..{num_classes - 1} (or be -1 for labels)")
+    counts = np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes)
+
+
+def f1_per_class(counts):
+    """F1 of each class from a confusion matrix; 0 for a class that is neither true nor predicted."""
+    counts = np.asarray(counts)
+    true_positives = np.diag(counts).astype(np.float64)
+    true_or_predicted = counts.sum(0) + counts.sum(1)
+    return np.divide(2 * true_positives, true_or_predicted,
+                     out=np.zeros_like(true_positives), where=true_or_predicted > 0)
+
+
+def macro_f1(y_true, y_pred, num_classes=len(CLASSES)):
+    """Unweighted mean F1 over the classes that occur in the labels or the predictions.
+
+    This is scikit-learn's f1_score(average="macro") after dropping the -1 frames. On the ABAW
+    validation set every class occurs, so it is the challenge metric; on a small split a class
+    that is absent on both sides is left out instead of counting as F1 = 0.
+    """
+    counts = confusion_matrix(y_true, y_pred, num_classes)
+    occurs = (counts.sum(0) + counts.sum(1)) > 0
+    return float(f1_per_class(counts)[occurs].mean()) if occurs.any() else 0.0
 
 
 @dataclass
@@ -499,7 +535,7 @@ def extract_stage2_features(cfg, ids):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         detector = RetinaFace.from_pretrained(cfg.detector).to(device)
     # faces are encoded at the size the encoder was trained at (the recipe's 224, resized from 256)
-    size = int(data.stage1_config(cfg.encoder).get("image_size", 224))
+    size = int(stage1_config(cfg.encoder).get("image_size", 224))
     feature_cfg = data.FeatureConfig(stride=cfg.stride, crop_size=size, crop_resize=round(size * 256 / 224))
     annotation_dirs = [annotation_root(cfg.annotations) / split for split in ("Train_Set", "Validation_Set")]
     for annotation_dir in annotation_dirs:  # the aligned-crop variant reads the frame count from the annotation
@@ -571,11 +607,6 @@ def load_rows(paths, labels):
 
 # ----------------------------------------------------------------------------------- folds
 
-def video_of(annotation_id):
-    """The raw video of an annotation id: `<v>_left` and `<v>_right` share `<v>`."""
-    return re.sub(r"_(left|right)$", "", annotation_id)
-
-
 def assign_folds(labels, k, seed=0, class_weight=1.0):
     """{id: fold} with the ids of one video in one fold, folds balanced in labelled frames and class ratios.
 
@@ -587,7 +618,7 @@ def assign_folds(labels, k, seed=0, class_weight=1.0):
     for annotation_id, y in labels.items():
         y = torch.as_tensor(y)
         counts = torch.bincount(y[y >= 0], minlength=len(CLASSES)).double().numpy()
-        entry = videos.setdefault(video_of(annotation_id), [[], np.zeros(len(CLASSES))])
+        entry = videos.setdefault(data.split_annotation_id(annotation_id)[0], [[], np.zeros(len(CLASSES))])
         entry[0].append(annotation_id)
         entry[1] += counts
     if len(videos) < k:
@@ -715,7 +746,7 @@ def evaluate_ids(model, rows, ids, device, candidates):
 def select_and_train(rows, train_ids, mode, cfg, device, candidates, seed):
     """Choose the epoch and the smoothing on an inner split of the training ids (by video), then retrain
     on all training ids for the chosen number of epochs. Nothing outside train_ids is read."""
-    videos = len({video_of(i) for i in train_ids})
+    videos = len({data.split_annotation_id(i)[0] for i in train_ids})
     if videos < cfg.inner_folds:
         raise EmoError(f"choosing the epoch and smoothing needs at least --inner-folds {cfg.inner_folds} "
                        f"training videos, there are {videos}: lower --inner-folds or --folds")

@@ -631,5 +631,6 @@ def model_forwards(video, predictor, prediction):
 
 
 if __name__ == "__main__":
-    emo = __import__("emo")
-    sys.exit(emo.run(emo.main, ["bench", *sys.argv[1:]]))
+    import emo
+    import models
+    sys.exit(models.run(emo.main, ["bench", *sys.argv[1:]]))

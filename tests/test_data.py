@@ -10,13 +10,15 @@ import pytest
 import torch
 
 import data
-from emo import CLASSES, EmoError
+import emo
+import models
+from models import CLASSES, EmoError
 
 SMALL = dict(videos=4, frames=60, width=96, height=72, images=2)
 
 
 def synth(out, seed=0):
-    return data.synthesize(data.SynthConfig(out=str(out), seed=seed, **SMALL))
+    return emo.synthesize(emo.SynthConfig(out=str(out), seed=seed, **SMALL))
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +173,7 @@ def test_broken_files_raise_one_clear_line(tmp_path, dataset, capsys):
                 read(path)
             message = str(error.value)
             assert "\n" not in message and str(path) in message
-    assert data.run(data.main, ["probe", str(text)]) == 2
+    assert models.run(data.main, ["probe", str(text)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
 
@@ -251,13 +253,13 @@ def test_synth_is_deterministic(dataset, tmp_path):
 def test_lookalike_classes_sound_different(tmp_path):
     fear, surprise, happy = (CLASSES.index(c) for c in ("Fear", "Surprise", "Happiness"))
     rng = np.random.default_rng(0)
-    faces = {label: np.asarray(data.draw_face(96, data.EXPRESSIONS[CLASSES[label]], (200, 170, 140)),
+    faces = {label: np.asarray(emo.draw_face(96, emo.EXPRESSIONS[CLASSES[label]], (200, 170, 140)),
                                dtype=np.float32) for label in (fear, surprise, happy)}
     assert np.abs(faces[fear] - faces[surprise]).mean() < 0.5 * np.abs(faces[fear] - faces[happy]).mean()
     centroids = {}
     for label in (fear, surprise):
         n = 50
-        audio = data.render_audio({"x": np.full(n, label)}, n, 25, 44100, rng)
+        audio = emo.render_audio({"x": np.full(n, label)}, n, 25, 44100, rng)
         path = tmp_path / f"{CLASSES[label]}.mp4"
         data.write_video(path, np.zeros((n, 64, 64, 3), np.uint8), 25, audio, 44100, "mp4")
         wave, has_audio = data.read_audio(path)
@@ -268,12 +270,12 @@ def test_lookalike_classes_sound_different(tmp_path):
 
 def test_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
-        data.main(["synth", "--help"])
+        emo.main(["synth", "--help"])
     assert done.value.code == 0 and "--seed" in capsys.readouterr().out
-    assert data.run(data.main, ["synth", str(tmp_path / "x"), "--videos", "2"]) == 2
+    assert models.run(emo.main, ["synth", str(tmp_path / "x"), "--videos", "2"]) == 2
     assert "at least 4" in capsys.readouterr().err
     with pytest.raises(SystemExit) as done:
-        data.main(["synth", str(tmp_path / "x"), "--size", "big"])
+        emo.main(["synth", str(tmp_path / "x"), "--size", "big"])
     assert done.value.code == 2 and "WIDTHxHEIGHT" in capsys.readouterr().err
 
 
@@ -282,7 +284,7 @@ def test_synth_refuses_to_mix_with_other_files(tmp_path):
     with pytest.raises(EmoError, match="not empty"):
         synth(tmp_path)
     with pytest.raises(EmoError, match="no synthetic-dataset manifest"):
-        data.synthesize(data.SynthConfig(out=str(tmp_path), overwrite=True, **SMALL))
+        emo.synthesize(emo.SynthConfig(out=str(tmp_path), overwrite=True, **SMALL))
     assert (tmp_path / "mine.txt").read_text() == "keep me"
 
 

@@ -11,7 +11,7 @@ from models import ViT, ViTConfig, Wav2Vec2, Wav2Vec2Config
 
 ROOT = Path(__file__).resolve().parents[1]
 # transformers made unimportable: the demo needs only emo's run-time dependencies
-RUN_DEMO = "import sys; sys.modules['transformers'] = None; import emo; sys.exit(emo.run(emo.main, sys.argv[1:]))"
+RUN_DEMO = "import sys; sys.modules['transformers'] = None; import emo, models; sys.exit(models.run(emo.main, sys.argv[1:]))"
 
 
 def test_quick_demo_runs_and_fusion_beats_the_face_alone(tmp_path):

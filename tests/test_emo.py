@@ -1,4 +1,4 @@
-"""emo.py: the metric against scikit-learn, checkpoint files, the command line."""
+"""The metric (train.py) against scikit-learn, checkpoint files (models.py), emo.py's command line."""
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +8,8 @@ import pytest
 import torch
 from sklearn import metrics
 
-import emo
+import models
+import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,33 +25,33 @@ def test_metrics_match_scikit_learn(seed):
     y_true[rng.random(n) < 0.2] = -1
     keep = y_true != -1
 
-    counts = emo.confusion_matrix(y_true, y_pred)
+    counts = train.confusion_matrix(y_true, y_pred)
     assert (counts == metrics.confusion_matrix(y_true[keep], y_pred[keep], labels=range(8))).all()
     expected_f1 = metrics.f1_score(y_true[keep], y_pred[keep], labels=range(8), average=None, zero_division=0)
-    assert np.allclose(emo.f1_per_class(counts), expected_f1, atol=1e-12)
+    assert np.allclose(train.f1_per_class(counts), expected_f1, atol=1e-12)
     if keep.any():
         expected_macro = metrics.f1_score(y_true[keep], y_pred[keep], average="macro")
-        got = emo.macro_f1(torch.from_numpy(y_true), torch.from_numpy(y_pred))  # tensors are accepted too
+        got = train.macro_f1(torch.from_numpy(y_true), torch.from_numpy(y_pred))  # tensors are accepted too
         assert got == pytest.approx(expected_macro, abs=1e-12)
     else:
-        assert emo.macro_f1(y_true, y_pred) == 0.0
+        assert train.macro_f1(y_true, y_pred) == 0.0
 
 
 def test_metrics_reject_bad_labels():
     with pytest.raises(ValueError, match="0..7"):
-        emo.confusion_matrix([0, 8], [0, 1])
+        train.confusion_matrix([0, 8], [0, 1])
     with pytest.raises(ValueError, match="predictions"):
-        emo.confusion_matrix([0, 1], [0])
+        train.confusion_matrix([0, 1], [0])
     with pytest.raises(ValueError, match="0..7"):
-        emo.confusion_matrix([0, 1], [0, -1])
+        train.confusion_matrix([0, 1], [0, -1])
 
 
 def test_checkpoint_round_trip(tmp_path):
     state = {"w": torch.randn(3, 4), "half": torch.randn(5).half(), "bf16": torch.randn(2, 2).bfloat16(),
              "steps": torch.arange(7), "view": torch.randn(4, 6)[:, ::2]}
     config = {"name": "tiny", "scales": [0.9, 1.2, 1.5], "nested": {"k": 4}}
-    emo.save_checkpoint(tmp_path / "ckpt", state, config)
-    loaded, loaded_config = emo.load_checkpoint(tmp_path / "ckpt")
+    models.save_checkpoint(tmp_path / "ckpt", state, config)
+    loaded, loaded_config = models.load_checkpoint(tmp_path / "ckpt")
     assert loaded_config == config
     assert loaded.keys() == state.keys()
     for k in state:
@@ -60,12 +61,12 @@ def test_checkpoint_round_trip(tmp_path):
 
 def test_interrupted_write_keeps_the_old_file(tmp_path):
     path = tmp_path / "config.json"
-    emo.save_json(path, {"version": 1})
+    models.save_json(path, {"version": 1})
     with pytest.raises(KeyboardInterrupt):
-        with emo.atomic_path(path) as tmp:
+        with models.atomic_path(path) as tmp:
             tmp.write_text('{"version": 2, "half')
             raise KeyboardInterrupt
-    assert emo.read_json(path) == {"version": 1}
+    assert models.read_json(path) == {"version": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
 
 

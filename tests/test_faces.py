@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 from skimage.data import astronaut
 
-from emo import EmoError
+from models import EmoError
 from models import RetinaFace, RetinaFaceConfig
 from retinaface_onnx import onnx_weights
 

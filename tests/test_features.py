@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 
 import data
+import emo
 import hf_checkpoints as hf
-from emo import CLASSES, EmoError, save_checkpoint
+from models import CLASSES, EmoError, save_checkpoint
 from models import EmotionClassifier, MoEHead, ViT, Wav2Vec2
 
 SIDE, FPS = 160, 25
@@ -314,7 +315,7 @@ def test_encoder_needs_only_the_backbone_config(setup, tmp_path):
 
 
 def test_cropped_aligned_variant(setup, tmp_path):
-    manifest = data.synthesize(data.SynthConfig(out=str(tmp_path / "synth"), videos=4, frames=40, width=96,
+    manifest = emo.synthesize(emo.SynthConfig(out=str(tmp_path / "synth"), videos=4, frames=40, width=96,
                                                 height=72, images=0))
     synth = tmp_path / "synth"
     ids = [i for split in manifest["splits"].values() for i in split][:2]
@@ -362,6 +363,10 @@ def test_video_for_id(tmp_path):
         data.find_videos(tmp_path)
     with pytest.raises(EmoError, match="does not exist"):
         data.find_videos(tmp_path / "nowhere")
+    (tmp_path / "x" / "a.avi").unlink()
+    for name in ("b.MPG", "c.ts", "d.wmv", "notes.txt"):  # every suffix infer.py takes, train.py takes too
+        (tmp_path / "x" / name).write_bytes(b"")
+    assert sorted(data.find_videos(tmp_path)) == ["a", "b", "c", "d"]
 
 
 def test_config_round_trips_through_json():

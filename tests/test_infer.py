@@ -20,11 +20,10 @@ import torch
 from PIL import Image
 
 import data
-import emo
 import hf_checkpoints as hf
 import infer
 import models
-from emo import CLASSES
+from models import CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -189,7 +188,7 @@ def test_outputs_are_all_or_nothing(tmp_path):
 
     # the video vanished before the MP4 was made: no output of that video at all, no temporary files
     broken = [make_prediction(n=20, id="gone", video=tmp_path / "gone.mp4")]
-    with pytest.raises(emo.EmoError, match="does not exist"):
+    with pytest.raises(models.EmoError, match="does not exist"):
         infer.write_outputs(out, broken, video_out=True)
     assert sorted(f.name for f in out.iterdir()) == names
 
@@ -199,9 +198,11 @@ def test_outputs_are_all_or_nothing(tmp_path):
 def test_person_rules_and_ids():
     assert infer.person_rules("all") == ("left", "right")
     assert infer.person_rules("largest") == ("largest",)
-    with pytest.raises(emo.EmoError, match="unknown --person"):
+    with pytest.raises(models.EmoError, match="unknown --person"):
         infer.person_rules("middle")
-    assert [infer.prediction_id("v", r) for r in ("largest", "left", "right")] == ["v", "v_left", "v_right"]
+    assert [data.annotation_id("v", r) for r in data.PEOPLE] == ["v", "v_left", "v_right"]
+    assert [data.split_annotation_id(i) for i in ("v", "v_left", "v_right", "v_x")] == [
+        ("v", "largest"), ("v", "left"), ("v", "right"), ("v_x", "largest")]
 
 
 def test_person_all_collapses_one_track_to_one_prediction():
@@ -227,14 +228,14 @@ def test_find_inputs(tmp_path):
     for name in ("a/one.mp4", "a/b/two.AVI", "a/notes.txt"):
         (tmp_path / name).write_bytes(b"x")
     assert [p.name for p in infer.find_inputs([tmp_path / "a"])] == ["two.AVI", "one.mp4"]
-    with pytest.raises(emo.EmoError, match="does not exist"):
+    with pytest.raises(models.EmoError, match="does not exist"):
         infer.find_inputs([tmp_path / "missing.mp4"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(emo.EmoError, match="holds no videos"):
+    with pytest.raises(models.EmoError, match="holds no videos"):
         infer.find_inputs([tmp_path / "empty"])
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "one.mp4").write_bytes(b"x")
-    with pytest.raises(emo.EmoError, match="two videos are named one"):
+    with pytest.raises(models.EmoError, match="two videos are named one"):
         infer.find_inputs([tmp_path / "a", tmp_path / "c" / "one.mp4"])
 
 
@@ -248,9 +249,9 @@ def wav_file(path):
 
 
 def run_cli(args, capsys):
-    """infer's main through emo.run, in this process: (exit status, stderr)."""
+    """infer's main through models.run, in this process: (exit status, stderr)."""
     capsys.readouterr()
-    status = emo.run(infer.main, [str(a) for a in args])
+    status = models.run(infer.main, [str(a) for a in args])
     return status, capsys.readouterr().err
 
 
@@ -292,12 +293,12 @@ def test_bad_inputs_each_give_one_clear_line(tmp_path, capsys):
     checkpoints.append((broken, "not readable JSON"))
     incomplete = tmp_path / "incomplete"
     incomplete.mkdir()
-    (incomplete / "stage2.json").write_text(json.dumps({"format": infer.STAGE2_FORMAT, "encoder": "x",
+    (incomplete / "stage2.json").write_text(json.dumps({"format": models.STAGE2_FORMAT, "encoder": "x",
                                                         "features": {}, "fold_files": ["fold0.safetensors"]}))
     checkpoints.append((incomplete, "fold0.safetensors is missing"))
     anonymous = tmp_path / "anonymous"
     anonymous.mkdir()
-    (anonymous / "stage2.json").write_text(json.dumps({"format": infer.STAGE2_FORMAT, "encoder": None,
+    (anonymous / "stage2.json").write_text(json.dumps({"format": models.STAGE2_FORMAT, "encoder": None,
                                                        "features": {}, "fold_files": ["fold0.safetensors"]}))
     checkpoints.append((anonymous, "names no Stage I encoder"))
     for checkpoint, message in checkpoints:
@@ -331,10 +332,10 @@ def test_help_names_every_option():
 
 def test_device_checks():
     assert infer.resolve_device("cpu") == torch.device("cpu")
-    with pytest.raises(emo.EmoError, match="unknown device"):
+    with pytest.raises(models.EmoError, match="unknown device"):
         infer.resolve_device("gpu0")
     if not torch.cuda.is_available():
-        with pytest.raises(emo.EmoError, match="no CUDA device"):
+        with pytest.raises(models.EmoError, match="no CUDA device"):
             infer.resolve_device("cuda")
 
 
@@ -408,7 +409,7 @@ def tiny_stage2(folder, visual_dim=None, smoothing=None, vit=None, w2v=None, hea
     backbone = hf.save(hf.dinov2(**vit), folder / "dinov2")
     cfg = train.Stage1Config(backbone=str(backbone), head=head)
     encoder = train.build_model(cfg)
-    emo.save_checkpoint(folder / "stage1" / "best", encoder.state_dict(), {"config": asdict(cfg), "epoch": 1})
+    models.save_checkpoint(folder / "stage1" / "best", encoder.state_dict(), {"config": asdict(cfg), "epoch": 1})
     del encoder
     w2v = hf.save(hf.wav2vec2(**w2v_config), folder / "w2v")
     tiny_retinaface((folder / "detector").mkdir() or folder / "detector")
@@ -427,8 +428,8 @@ def tiny_stage2(folder, visual_dim=None, smoothing=None, vit=None, w2v=None, hea
                 elif name.endswith("_std"):
                     buffer.copy_(0.5 + torch.rand(buffer.shape, generator=generator))
         save_file({n: t.contiguous() for n, t in model.state_dict().items()}, str(ckpt / f"fold{k}.safetensors"))
-    emo.save_json(ckpt / "stage2.json", {
-        "format": infer.STAGE2_FORMAT, "encoder": str((folder / "stage1").resolve()), "audio_model": str(w2v),
+    models.save_json(ckpt / "stage2.json", {
+        "format": models.STAGE2_FORMAT, "encoder": str((folder / "stage1").resolve()), "audio_model": str(w2v),
         "audio_revision": None, "detector": str(folder / "detector"), "features": asdict(data.FeatureConfig(**(features or {}))),
         "mode": "fused", "smoothing": smoothing or {"kind": "median", "window": 5}, "folds": folds,
         "fold_files": [f"fold{k}.safetensors" for k in range(folds)], "fusion": fusion, "metrics": {}})
@@ -482,7 +483,7 @@ def test_no_face_gives_flagged_audio_only_predictions(predictor, videos):
     check_prediction(p, videos["noface"])
     assert p.audio_only and not p.face.any() and p.audio.all() and np.isnan(p.boxes).all()
     assert len(warnings) == 1 and "audio-only" in warnings[0]
-    with pytest.raises(emo.EmoError, match="no sound"):
+    with pytest.raises(models.EmoError, match="no sound"):
         infer.predict_video(videos["nothing"], predictor)
 
 

@@ -5,7 +5,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, Dinov2ForImageClassification, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 
 import hf_checkpoints as hf
-from emo import EmoError
+from models import EmoError
 from models import (ViT, ViTConfig, Wav2Vec2, Wav2Vec2Config, init_random, normalize_waveform,
                     save_hf_checkpoint)
 

@@ -7,13 +7,14 @@ from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 import data
-from emo import CLASSES, EmoError
+import emo
+from models import CLASSES, EmoError
 
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
-    data.synthesize(data.SynthConfig(out=str(out), videos=4, frames=40, width=96, height=72, images=2))
+    emo.synthesize(emo.SynthConfig(out=str(out), videos=4, frames=40, width=96, height=72, images=2))
     return out
 
 

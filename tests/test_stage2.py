@@ -9,8 +9,9 @@ from safetensors.torch import load_file, save_file
 from scipy.ndimage import gaussian_filter1d, median_filter, uniform_filter1d
 
 import data
+import emo
 import train
-from emo import run
+from models import run
 from models import GatedFusion, load_stage2, smooth_logits
 
 LOOK_ALIKE = (3, 6)  # Fear and Surprise: one face, two sounds
@@ -322,10 +323,10 @@ def test_stage2_extracts_its_features_first(tmp_path):
     """train.py --stage 2 --cropped-aligned/--videos: features of every id extracted (from the aligned crops,
     audio from the videos), then the folds trained; a second run reuses the feature files."""
     import hf_checkpoints as hf
-    from emo import CLASSES, save_checkpoint
+    from models import CLASSES, save_checkpoint
     from models import EmotionClassifier, MoEHead, ViT
     synth = tmp_path / "synth"
-    data.synthesize(data.SynthConfig(out=str(synth), videos=6, frames=40, width=96, height=72, images=0))
+    emo.synthesize(emo.SynthConfig(out=str(synth), videos=6, frames=40, width=96, height=72, images=0))
     torch.manual_seed(0)
     backbone = hf.save(hf.dinov2(), tmp_path / "dinov2")
     encoder = EmotionClassifier(ViT.from_pretrained(backbone), MoEHead(64, len(CLASSES)))

@@ -11,9 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 import data
+import emo
 import hf_checkpoints as hf
 import train
-from emo import EmoError, run
+from models import EmoError, run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     out = tmp_path_factory.mktemp("stage1")
-    data.synthesize(data.SynthConfig(out=str(out / "synth"), videos=4, frames=60, width=96, height=72, images=24))
+    emo.synthesize(emo.SynthConfig(out=str(out / "synth"), videos=4, frames=60, width=96, height=72, images=24))
     backbone = hf.save(hf.dinov2(num_hidden_layers=2), out / "backbone")
     return out, backbone
 
@@ -98,8 +99,8 @@ def test_tiny_run_learns_the_synthetic_faces(tmp_path):
     The setting is the demo's (emo.STAGE1_FLAGS): the recipe's is for fine-tuning a pretrained ViT-L."""
     import emo
     small = dict(videos=4, frames=40, width=64, height=64)
-    data.synthesize(data.SynthConfig(out=str(tmp_path / "train"), seed=0, images=128, **small))
-    data.synthesize(data.SynthConfig(out=str(tmp_path / "val"), seed=1, images=32, **small))
+    emo.synthesize(emo.SynthConfig(out=str(tmp_path / "train"), seed=0, images=128, **small))
+    emo.synthesize(emo.SynthConfig(out=str(tmp_path / "val"), seed=1, images=32, **small))
     backbone = hf.save(hf.dinov2(num_hidden_layers=2), tmp_path / "backbone")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the data loader works in a second process
