@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import collections
+import contextlib
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -33,8 +34,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor, to_pil_image
 from tqdm import tqdm
 
-from models import (CLASSES, IGNORE_LABEL, EmoError, Faces, atomic_path, first_line, load_encoder, normalize_waveform,
-                    read_json, run)
+from models import (CLASSES, IGNORE_LABEL, EmoError, Faces, atomic_path, autocast, first_line, load_encoder,
+                    normalize_waveform, read_json, run, save_safetensors)
 
 SAMPLE_RATE = 16000  # what wav2vec 2.0 expects
 ABAW_HEADER = ",".join(CLASSES)
@@ -54,6 +55,18 @@ class VideoInfo:
     rotation: int          # degrees counter-clockwise to display the coded picture: 0, 90, 180, 270
     has_audio: bool
     start: float = 0.0     # presentation time of the first frame, seconds (the file's clock, as frames' times)
+
+
+@contextlib.contextmanager
+def _opened(path):
+    """A media file open with PyAV (see _open): an FFmpeg error while reading it becomes one EmoError line."""
+    container = _open(path)
+    try:
+        yield container
+    except av.FFmpegError as e:
+        raise _undecodable(path, first_line(e)) from None
+    finally:
+        container.close()
 
 
 def _open(path):
@@ -98,8 +111,7 @@ def _rotation(frame, stream):
 
 def probe(path):
     """VideoInfo of a video file. Decodes one frame, to read the rotation and check the codec."""
-    container = _open(path)
-    try:
+    with _opened(path) as container:
         stream = _video_stream(container, path)
         fps = float(stream.average_rate or stream.guessed_rate or stream.base_rate or 0)
         if stream.duration is not None and stream.time_base is not None:
@@ -119,10 +131,6 @@ def probe(path):
         return VideoInfo(path=str(path), fps=fps, frames=frames, frames_exact=frames_exact,
                          duration=duration, width=width, height=height, rotation=rotation,
                          has_audio=bool(container.streams.audio), start=start)
-    except av.FFmpegError as e:
-        raise _undecodable(path, first_line(e)) from None
-    finally:
-        container.close()
 
 
 MAX_BATCH_BYTES = 64 << 20  # decoded RGB held per batch: a few 4K frames, many small ones
@@ -135,8 +143,7 @@ def iter_decoded(path, batch_size=64):
     convert only the frames they need, at the size they need (to_rgb)."""
     if batch_size < 1:
         raise EmoError(f"batch_size must be at least 1, got {batch_size}")
-    container = _open(path)
-    try:
+    with _opened(path) as container:
         stream = _video_stream(container, path)
         fps = float(stream.average_rate or 25)
         size = None
@@ -153,10 +160,6 @@ def iter_decoded(path, batch_size=64):
                 decoded, times = [], []
         if decoded:
             yield decoded, torch.tensor(times, dtype=torch.float64), size, rotation
-    except av.FFmpegError as e:
-        raise _undecodable(path, first_line(e)) from None
-    finally:
-        container.close()
 
 
 def iter_frames(path, batch_size=64):
@@ -218,16 +221,11 @@ def to_rgb(frames, size, rotation=0):
 
 def frame_presentation_times(path):
     """(N,) float64 seconds: the times iter_frames gives, from one decoding pass without colour conversion."""
-    container = _open(path)
-    try:
+    with _opened(path) as container:
         stream = _video_stream(container, path)
         fps = float(stream.average_rate or 25)
         times = [float(frame.time) if frame.time is not None else index / fps
                  for index, frame in enumerate(_decode(container, stream, path))]
-    except av.FFmpegError as e:
-        raise _undecodable(path, first_line(e)) from None
-    finally:
-        container.close()
     return torch.tensor(times, dtype=torch.float64)
 
 
@@ -408,7 +406,6 @@ class VideoFaces:
     counts: torch.Tensor     # (frames,) faces found on each frame
     boxes: torch.Tensor      # (faces, 4) x1, y1, x2, y2 in frame pixels
     scores: torch.Tensor     # (faces,)
-    landmarks: torch.Tensor  # (faces, 5, 2)
 
     def per_frame(self):
         """[(boxes (K, 4), scores (K,))] per frame, as the tracker takes them."""
@@ -467,46 +464,45 @@ def detect_video(path, detector, cfg=DetectConfig(), cache_dir=None, progress=Tr
         cached = _read_faces_cache(cache, key)
         if cached is not None:
             return cached
-    times, counts, boxes, scores, landmarks = [], [], [], [], []
+    times, counts, boxes, scores = [], [], [], []
     with tqdm(total=probe(path).frames, desc=f"faces {Path(path).name}", unit="frame", disable=not progress) as bar:
         for frames, frame_times, size, rotation in _prefetch(iter_decoded(path, cfg.batch_size)):
             for face in detect_decoded(detector, frames, size, rotation, cfg, first=len(counts)):
                 counts.append(len(face.scores))
                 boxes.append(face.boxes.cpu())
                 scores.append(face.scores.cpu())
-                landmarks.append(face.landmarks.cpu())
             times.append(frame_times)
             bar.update(len(frames))
-    faces = video_faces(times, counts, boxes, scores, landmarks)
+    faces = video_faces(times, counts, boxes, scores)
     if cache is not None:
         _write_faces_cache(cache, key, faces)
     return faces
 
 
-def video_faces(times, counts, boxes, scores, landmarks):
-    """VideoFaces from per-batch times and per-frame counts, boxes, scores and landmarks."""
+def video_faces(times, counts, boxes, scores):
+    """VideoFaces from per-batch times and per-frame counts, boxes and scores."""
     return VideoFaces(times=torch.cat(times) if times else torch.zeros(0, dtype=torch.float64),
                       counts=torch.tensor(counts, dtype=torch.long),
                       boxes=torch.cat(boxes) if boxes else torch.zeros(0, 4),
-                      scores=torch.cat(scores) if scores else torch.zeros(0),
-                      landmarks=torch.cat(landmarks) if landmarks else torch.zeros(0, 5, 2))
+                      scores=torch.cat(scores) if scores else torch.zeros(0))
+
+
+FACES_FORMAT = "emo-faces/2"  # a face cache of another format (/1 held landmarks) is silently rebuilt
 
 
 def _faces_cache(path, detector, cfg, cache_dir):
     """(cache file or None, key): where a video's detections are cached and what they were made from."""
     path = Path(path)
     stat = path.stat() if path.is_file() else None
-    key = json.dumps({"video": str(path.resolve()), "size": stat and stat.st_size,
+    key = json.dumps({"format": FACES_FORMAT, "video": str(path.resolve()), "size": stat and stat.st_size,
                       "mtime_ns": stat and stat.st_mtime_ns, "detector": weights_fingerprint(detector),
                       "settings": asdict(cfg)}, sort_keys=True)
     return (Path(cache_dir) / f"{path.name}.faces.safetensors" if cache_dir else None), key
 
 
 def _write_faces_cache(cache, key, faces):
-    from safetensors.torch import save_file
     cache.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(cache) as tmp:
-        save_file({k: v.contiguous() for k, v in asdict(faces).items()}, str(tmp), metadata={"key": key})
+    save_safetensors(cache, asdict(faces), {"key": key})
 
 
 def _read_faces_cache(cache, key):
@@ -547,7 +543,6 @@ class FaceTrack:
     """One person's face box on every frame of a video."""
     boxes: torch.Tensor     # (frames, 4) x1, y1, x2, y2 in frame pixels; NaN where no face is known
     detected: torch.Tensor  # (frames,) bool: a detection of this person on this very frame
-    scores: torch.Tensor    # (frames,) detection score, 0 where not detected
 
 
 class Tracker:
@@ -643,10 +638,9 @@ def fill_and_smooth(track, num_frames, cfg=TrackConfig()):
     detection, stay unknown (NaN). Then centres and sizes get a moving average within each run of
     known boxes."""
     detected = torch.zeros(num_frames, dtype=torch.bool)
-    scores = torch.zeros(num_frames)
     boxes = torch.full((num_frames, 4), float("nan"))
     for frame, (box, score) in track.items():
-        detected[frame], scores[frame], boxes[frame] = True, score, box
+        detected[frame], boxes[frame] = True, box
     seen = torch.nonzero(detected).flatten()
     if len(seen) > 1:
         gap = seen.diff() - 1
@@ -662,7 +656,7 @@ def fill_and_smooth(track, num_frames, cfg=TrackConfig()):
         centre_size = torch.where(known[:, None], (sums / weights.clamp_min(1e-12)).T, float("nan"))
         centre, size = centre_size[:, :2], centre_size[:, 2:]
         boxes = torch.cat([centre - size / 2, centre + size / 2], 1)
-    return FaceTrack(boxes=boxes, detected=detected, scores=scores)
+    return FaceTrack(boxes=boxes, detected=detected)
 
 
 # ------------------------------------------------------------------------- faces: multi-scale crops
@@ -821,7 +815,7 @@ def iter_step_features(w2v, blocks, num_layers=4, chunk_seconds=20.0, context_se
         end = None if final else (stop - 1) * hop + reach - offset  # the last window takes the wave's tail too
         samples = np.concatenate(pieces)[start * hop - offset:end]
         wave = normalize_waveform(torch.from_numpy(samples).float()[None]).to(device)
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device):
             _, hidden_states = w2v(wave)
         mean = torch.stack(hidden_states[-num_layers:]).float().mean(0)[0]
         return first, mean[first - start:last - start].cpu()
@@ -1079,11 +1073,10 @@ def eval_transform(size=224, resize=256):
 
 def read_image(path):
     """A JPEG or PNG file as a uint8 RGB (3, H, W) tensor; EmoError naming the file otherwise."""
+    if not Path(path).is_file():
+        raise EmoError(f"{path} does not exist")
     try:
-        encoded = Path(path).read_bytes()
-        if not encoded:
-            raise ValueError("empty file")
-        return decode_image(torch.frombuffer(bytearray(encoded), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        return decode_image(str(path), mode=ImageReadMode.RGB)
     except FileNotFoundError:
         raise EmoError(f"{path} does not exist") from None
     except (OSError, RuntimeError, ValueError) as e:
@@ -1563,7 +1556,7 @@ class _Encoder:
         self.count -= size
         crops = torch.cat([c for _, _, c in take]).to(self.device, non_blocking=True)
         images = ((crops - self.mean) / self.std).flatten(0, 1)
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"):
+        with autocast(self.device):
             features = self.encoder.features(images)
         features = features.float().view(size, len(self.cfg.scales), -1).mean(1)
         features = features.cpu()
@@ -1643,7 +1636,7 @@ def _tracking_pass(video, detector, people, cfg, cache_dir, batcher, bar):
     tracker = Tracker(cfg.track)
     held = collections.deque()  # (frame index, decoded frame) not yet final: YUV, 1.5 bytes a pixel
     run = {}                    # track -> position of the next frame in its current run of boxes
-    times, counts, found_boxes, found_scores, found_landmarks = [], [], [], [], []
+    times, counts, found_boxes, found_scores = [], [], [], []
     geometry = None             # the frames' coded size and rotation
 
     def encode_final(upto):
@@ -1691,7 +1684,6 @@ def _tracking_pass(video, detector, people, cfg, cache_dir, batcher, bar):
                 counts.append(len(scores))
                 found_boxes.append(boxes)
                 found_scores.append(scores)
-                found_landmarks.append(face.landmarks.cpu())
         held.extend(zip(range(processed, processed + len(frames)), frames))
         processed += len(frames)
         times.append(frame_times)
@@ -1699,7 +1691,7 @@ def _tracking_pass(video, detector, people, cfg, cache_dir, batcher, bar):
         bar.update(min(processed, bar.total) - bar.n)
     encode_final(processed)
     if cached is None and cache is not None:
-        _write_faces_cache(cache, key, video_faces(times, counts, found_boxes, found_scores, found_landmarks))
+        _write_faces_cache(cache, key, video_faces(times, counts, found_boxes, found_scores))
     times = torch.cat(times) if times else torch.zeros(0, dtype=torch.float64)
     slots, tracks = [], []
     for person in people:
@@ -1731,7 +1723,7 @@ def _given_boxes_pass(video, boxes, people, cfg, batcher, bar):
         raise EmoError(f"{source} have {num_frames} boxes for the {people[0]} person but the video has {start} "
                        "frames; give one box (or null) per frame")
     times = torch.cat(times) if times else torch.zeros(0, dtype=torch.float64)
-    tracks = [FaceTrack(boxes=b, detected=~b.isnan().any(1), scores=(~b.isnan().any(1)).float()) for b in chosen]
+    tracks = [FaceTrack(boxes=b, detected=~b.isnan().any(1)) for b in chosen]
     return num_frames, times, list(range(len(people))), tracks
 
 
@@ -1778,7 +1770,7 @@ def cropped_aligned_features(folder, num_frames, encoder, w2v=None, video=None, 
     batches = (load(part) for part in indices.split(cfg.batch_frames))
     for index, images in tqdm(_prefetch(batches), total=math.ceil(len(indices) / cfg.batch_frames),
                               desc=f"encode {folder.name}", unit="batch", disable=not progress):
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device):
             visual[index] = encoder.features(images.to(device)).float().cpu()
     fill_rows(visual, face, face)
     start = 0.0
@@ -1797,15 +1789,12 @@ def _key_text(key):
 
 def save_features(path, features, key):
     """Write FrameFeatures atomically as safetensors: visual and audio in fp16, `key` as JSON in the metadata."""
-    from safetensors.torch import save_file
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"visual": features.visual.half(), "audio": features.audio.half(), "face": features.face.bool(),
                "audio_present": features.audio_present.bool(), "times": features.times.double(),
                "boxes": features.boxes.float(), "detected": features.detected.bool()}
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"format": FEATURES_FORMAT, "key": _key_text(key)})
+    save_safetensors(path, tensors, {"format": FEATURES_FORMAT, "key": _key_text(key)})
 
 
 def _warn_unreadable(path, error):

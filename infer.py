@@ -154,10 +154,6 @@ class Predictor:
         found = data.people_features(video, self.encoder, self.w2v, self.detector, tuple(people), **kwargs)
         return [(person, found[person]) for person in people]
 
-    def predict(self, video, person="largest", fail_without_face=False, progress=False, boxes=None):
-        """predict_video(video, self, ...): a list of VideoPrediction."""
-        return predict_video(video, self, person, fail_without_face, progress, boxes=boxes)
-
     @torch.inference_mode()
     def logits(self, features):
         """Smoothed ensemble logits (N, 8) on the CPU. A person with no face on any frame goes through

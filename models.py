@@ -69,14 +69,19 @@ def save_json(path, obj):
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def save_safetensors(path, tensors, metadata=None):
+    """Write tensors (moved to the CPU, made contiguous) to a safetensors file, atomically."""
+    from safetensors.torch import save_file
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata=metadata or {"format": "pt"})
+
+
 def save_checkpoint(directory, state_dict, config, name="model"):
     """Write `<name>.safetensors` (the weights) and `<name>.json` (the config) into `directory`."""
-    from safetensors.torch import save_file
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    with atomic_path(directory / f"{name}.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    save_safetensors(directory / f"{name}.safetensors", state_dict)
     save_json(directory / f"{name}.json", config)
 
 
@@ -205,6 +210,12 @@ def _hub_fetcher(repo_id, revision):
         except EntryNotFoundError:
             return None
     return fetch
+
+
+def autocast(device, enabled=True):
+    """bf16 autocast on CUDA (when enabled); on the CPU a no-op: its bf16 products are slow on many CPUs."""
+    device = torch.device(device)
+    return torch.autocast(device.type, torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
 def resolve_device(device=None):
@@ -585,12 +596,6 @@ class EmotionClassifier(nn.Module):
 
     def forward(self, images, return_routing=False):
         return self.head(self.features(images), return_routing=return_routing)
-
-    def head_parameters(self):
-        return list(self.head.parameters())
-
-    def backbone_parameters(self):
-        return list(self.backbone.parameters())
 
     def layer_id(self, name):
         """Depth of the parameter `name` (as named_parameters() names it)."""
@@ -1456,7 +1461,6 @@ def save_hf_checkpoint(model, directory):
     """Write an emo ViT or Wav2Vec2 as a Hugging Face checkpoint directory (config.json and
     model.safetensors with transformers' tensor names), which both emo's from_pretrained and
     transformers' from_pretrained load. Returns the directory."""
-    from safetensors.torch import save_file
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     if isinstance(model, ViT):
         tensors = vit_state_dict_to_hf(state, model.cfg.use_swiglu_ffn)
@@ -1467,8 +1471,7 @@ def save_hf_checkpoint(model, directory):
     config = hf_config(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    with atomic_path(directory / "model.safetensors") as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    save_safetensors(directory / "model.safetensors", tensors)
     save_json(directory / "config.json", config)
     return directory
 

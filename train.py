@@ -31,7 +31,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 import data
@@ -39,7 +38,7 @@ from data import (AffWild2Frames, ImageFolderDataset, check_classes, eval_transf
                   train_transform)
 from models import (CLASSES, FUSION_MODES, IGNORE_LABEL, SMOOTHING_KINDS, STAGE2_FORMAT, EmoError, EmotionClassifier,
                     GatedFusion, LinearHead, MoEHead, RetinaFace, ViT, atomic_path, load_checkpoint, resolve_device,
-                    run, save_checkpoint, save_json, smooth_logits, stage1_config)
+                    autocast, run, save_checkpoint, save_json, save_safetensors, smooth_logits, stage1_config)
 
 
 # ----------------------------------------------------------------------------------- metrics
@@ -221,13 +220,10 @@ def inverse_frequency_weights(labels):
     return inverse / inverse[counts > 0].mean()
 
 
-def soft_cross_entropy(logits, targets, class_weights):
-    return -(targets * class_weights * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
-
-
-def smooth_and_mix(images, labels, cfg, step):
-    """Label smoothing, then mixup with lambda ~ Beta(alpha, alpha), drawn from the step's own seed."""
-    targets = F.one_hot(labels, len(CLASSES)).float() * (1 - cfg.label_smoothing) + cfg.label_smoothing / len(CLASSES)
+def mix(images, labels, cfg, step):
+    """Mixup with lambda ~ Beta(alpha, alpha), drawn from the step's own seed: (images, class probabilities).
+    The loss smooths the mixed targets (smoothing is linear, so before or after mixing is the same)."""
+    targets = F.one_hot(labels, len(CLASSES)).float()
     if cfg.mixup_alpha <= 0:
         return images, targets
     rng = np.random.default_rng([cfg.seed, step])
@@ -283,7 +279,7 @@ def evaluate(model, loader, device, amp, world=1):
     model.eval()
     predictions, labels = [], []
     for images, targets in loader:
-        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+        with autocast(device, amp):
             predictions.append(model(images.to(device, non_blocking=True)).argmax(-1).cpu())
         labels.append(targets)
     labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
@@ -359,12 +355,13 @@ def train_stage1(cfg, resume=False):
             for micro in range(cfg.accumulate):
                 images, targets = next(batches)
                 images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-                images, soft = smooth_and_mix(images, targets, cfg, step * cfg.accumulate + micro)
+                images, soft = mix(images, targets, cfg, step * cfg.accumulate + micro)
                 sync = micro == cfg.accumulate - 1 or world == 1
                 with trained.no_sync() if not sync else contextlib.nullcontext():
-                    with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                    with autocast(device, amp):
                         logits = forward(images)
-                    loss = soft_cross_entropy(logits, soft, class_weights) / cfg.accumulate
+                    loss = F.cross_entropy(logits.float(), soft, class_weights,
+                                           label_smoothing=cfg.label_smoothing) / cfg.accumulate
                     loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
             optimizer.step()
@@ -661,7 +658,7 @@ def predict_rows(model, rows, index, device, chunk=65536):
     out = []
     for start in range(0, len(index), chunk):
         part = index[start:start + chunk]
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device):
             out.append(model(rows.visual[part].to(device), rows.audio[part].to(device)).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, len(CLASSES))
 
@@ -703,7 +700,7 @@ def fit_fusion(rows, train_index, kwargs, cfg, device, seed, stop_after=None, on
             batch = order[start:start + cfg.batch_size]
             rows_batch = batch if on_device else train_index[batch]
             set_learning_rates(optimizer, step, total_steps, cfg.min_lr)
-            with torch.autocast(device.type, torch.bfloat16, enabled=on_device):
+            with autocast(device, on_device):
                 logits = model(visual[rows_batch], audio[rows_batch])
             loss = F.cross_entropy(logits.float(), labels[batch], weight=weights)
             loss.backward()
@@ -823,9 +820,7 @@ def train_stage2(cfg):
                        f"raw {reported[('none', 1)]:.4f}, smoothed {reported[chosen]:.4f} "
                        f"({time.perf_counter() - started:.1f} s)")
             if mode == cfg.mode:
-                state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
-                with atomic_path(out / f"fold{k}.safetensors") as tmp:
-                    save_file(state, str(tmp), metadata={"format": "pt"})
+                save_safetensors(out / f"fold{k}.safetensors", model.state_dict())
                 saved.append(f"fold{k}.safetensors")
 
     ablation = {mode: {kind: summary([r[kind] for r in results[mode]]) for kind in ("raw", "smoothed")}

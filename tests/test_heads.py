@@ -173,11 +173,10 @@ def test_emotion_classifier(make_head):
         else:
             assert p.grad is None, name
     assert any(p.grad.abs().sum() > 0 for p in vit.blocks[1].parameters())
-    assert all(p.grad.abs().sum() > 0 for p in model.head_parameters())
+    assert all(p.grad.abs().sum() > 0 for p in model.head.parameters())
 
     layers = {name: layer for name, _, layer in model.parameter_layers()}
     assert layers["backbone.blocks.1.norm1.weight"] == 2
     assert layers["backbone.norm.weight"] == 3 and layers["head.classifier.weight"] == 3
     assert "backbone.blocks.0.norm1.weight" not in layers and "backbone.cls_token" not in layers
     assert model.layer_id("backbone.cls_token") == 0 and model.layer_id("backbone.blocks.0.attn.qkv.weight") == 1
-    assert len(model.head_parameters()) + len(model.backbone_parameters()) == len(list(model.parameters()))

@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -35,6 +36,31 @@ def args(setup, out, *extra):
             "--backbone", str(backbone), "--out", str(out), "--image-size", "56", "--batch-size", "16",
             "--workers", "0", "--freeze-blocks", "0", "--lr-backbone", "1e-3", "--lr-head", "3e-3",
             "--log-every", "2", *extra]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.8])
+def test_the_loss_is_the_recipe_s_weighted_smoothed_soft_cross_entropy(alpha):
+    # F.cross_entropy with probability targets, class weights and label smoothing, on mixed one-hot targets,
+    # against the formula written out: smooth each label, mix, then -sum(target * weight * log_softmax).
+    cfg = train.Stage1Config(label_smoothing=0.1, mixup_alpha=alpha)
+    generator = torch.Generator().manual_seed(0)
+    logits, images = torch.randn(16, 8, generator=generator), torch.randn(16, 3, 4, 4, generator=generator)
+    labels = torch.randint(0, 8, (16,), generator=generator)
+    weights = torch.rand(8, generator=generator) + 0.5
+    mixed, soft = train.mix(images, labels, cfg, step=3)
+    loss = torch.nn.functional.cross_entropy(logits, soft, weights, label_smoothing=cfg.label_smoothing)
+    smoothed = torch.nn.functional.one_hot(labels, 8).float() * 0.9 + 0.1 / 8
+    if alpha == 0:
+        assert torch.equal(mixed, images)
+        expected_targets = smoothed
+    else:  # the step's own seed gives lambda and the pairing
+        rng = np.random.default_rng([cfg.seed, 3])
+        lam = float(rng.beta(alpha, alpha))
+        order = torch.from_numpy(rng.permutation(16))
+        assert torch.allclose(mixed, lam * images + (1 - lam) * images[order])
+        expected_targets = lam * smoothed + (1 - lam) * smoothed[order]
+    expected = -(expected_targets * weights * torch.log_softmax(logits, -1)).sum(-1).mean()
+    assert abs(float(loss) - float(expected)) <= 1e-6
 
 
 def test_killed_run_resumes_to_the_same_weights(setup, tmp_path):
