@@ -35,7 +35,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor, to_pil_image
 from tqdm import tqdm
 
 from models import (CLASSES, IGNORE_LABEL, EmoError, Faces, atomic_path, autocast, first_line, load_encoder,
-                    normalize_waveform, read_json, run, save_safetensors)
+                    Wav2Vec2, normalize_waveform, read_json, run, save_safetensors, torchrun_process)
 
 SAMPLE_RATE = 16000  # what wav2vec 2.0 expects
 ABAW_HEADER = ",".join(CLASSES)
@@ -1920,35 +1920,20 @@ def extract_features(ids, video_for_id, out_dir, encoder_dir, audio_model, detec
 
     Returns {"paths": {id: path}, "written": [ids], "skipped": [ids]} for this process's ids.
     """
-    from models import Wav2Vec2
-    ids = list(ids)
     out_dir = Path(out_dir)
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
-    if isinstance(video_for_id, Mapping):
-        videos = video_for_id
-        resolve = lambda i: _video_of(i, videos)  # noqa: E731
-    elif video_for_id is None:
-        if cropped_aligned is None:
-            raise EmoError("features from raw videos need the videos: pass find_videos(VIDEO_ROOT)")
-        resolve = lambda i: (None, "largest")  # noqa: E731
-    else:
-        resolve = video_for_id
+    env_rank, env_world, env_device = torchrun_process(join=False)  # the shares need no messages
+    rank, world = env_rank if rank is None else rank, env_world if world is None else world
     if cropped_aligned is None and detector is None and boxes is None:
         raise EmoError("features from raw videos need a face detector, or the faces' boxes")
     if boxes is not None and not Path(boxes).is_dir():
         raise EmoError(f"boxes {boxes} is not a folder; pass the folder of <video>.json boxes files")
     if cropped_aligned is not None and not Path(cropped_aligned).is_dir():
         raise EmoError(f"{cropped_aligned} does not exist; pass the cropped_aligned folder")
-    sources, groups = {}, {}
-    for annotation_id in ids:  # every id first, so that a missing video fails before any work
-        path, person = resolve(annotation_id)
-        sources[annotation_id] = (Path(path) if path is not None else None, person)
-        groups.setdefault(str(path) if path is not None else f"id:{annotation_id}", []).append(annotation_id)
+    sources, groups = _feature_sources(ids, video_for_id, cropped_aligned)
     mine = list(groups.values())[rank::world]
 
     if device is None and isinstance(encoder_dir, (str, Path)):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        device = env_device
     encoder = load_encoder(encoder_dir, device) if isinstance(encoder_dir, (str, Path)) else encoder_dir
     device = next(encoder.parameters()).device if device is None else torch.device(device)
     w2v = audio_model
@@ -1968,18 +1953,9 @@ def extract_features(ids, video_for_id, out_dir, encoder_dir, audio_model, detec
                unit="id", disable=not progress)
     for group in mine:
         video = sources[group[0]][0]
-        keys = {}
-        for annotation_id in group:
-            key = dict(base_key, video=_file_stamp(video) if video is not None else None,
-                       person=sources[annotation_id][1])
-            if boxes is not None and cropped_aligned is None:
-                key["boxes"] = _file_stamp(_boxes_file(boxes, video))
-            if cropped_aligned is not None:
-                key["crops"] = _crops_stamp(Path(cropped_aligned) / annotation_id)
-                annotation = Path(annotation_dir) / f"{annotation_id}.txt" if annotation_dir else None
-                key["annotation"] = _file_stamp(annotation) if annotation is not None and annotation.is_file() else None
-            keys[annotation_id] = key
-            result["paths"][annotation_id] = features_path(out_dir, annotation_id)
+        keys = {i: _inputs_key(base_key, i, video, sources[i][1], boxes, cropped_aligned, annotation_dir)
+                for i in group}
+        result["paths"].update({i: features_path(out_dir, i) for i in group})
         todo = [i for i in group if stored_key(features_path(out_dir, i)) != _key_text(keys[i])]
         result["skipped"] += [i for i in group if i not in todo]
         bar.update(len(group) - len(todo))
@@ -2000,6 +1976,38 @@ def extract_features(ids, video_for_id, out_dir, encoder_dir, audio_model, detec
             bar.update(1)
     bar.close()
     return result
+
+
+def _feature_sources(ids, video_for_id, cropped_aligned):
+    """({id: (video path or None, person)}, {video: [ids]}): every id resolved first, so that a missing video
+    fails before any work, and grouped by video, so that a two-person video is decoded once."""
+    if isinstance(video_for_id, Mapping):
+        videos = video_for_id
+        resolve = lambda i: _video_of(i, videos)  # noqa: E731
+    elif video_for_id is None:
+        if cropped_aligned is None:
+            raise EmoError("features from raw videos need the videos: pass find_videos(VIDEO_ROOT)")
+        resolve = lambda i: (None, "largest")  # noqa: E731
+    else:
+        resolve = video_for_id
+    sources, groups = {}, {}
+    for annotation_id in ids:
+        path, person = resolve(annotation_id)
+        sources[annotation_id] = (Path(path) if path is not None else None, person)
+        groups.setdefault(str(path) if path is not None else f"id:{annotation_id}", []).append(annotation_id)
+    return sources, groups
+
+
+def _inputs_key(base_key, annotation_id, video, person, boxes, cropped_aligned, annotation_dir):
+    """What one id's feature file is made from: the inputs whose change means extracting it again."""
+    key = dict(base_key, video=_file_stamp(video) if video is not None else None, person=person)
+    if boxes is not None and cropped_aligned is None:
+        key["boxes"] = _file_stamp(_boxes_file(boxes, video))
+    if cropped_aligned is not None:
+        key["crops"] = _crops_stamp(Path(cropped_aligned) / annotation_id)
+        annotation = Path(annotation_dir) / f"{annotation_id}.txt" if annotation_dir else None
+        key["annotation"] = _file_stamp(annotation) if annotation is not None and annotation.is_file() else None
+    return key
 
 
 def _boxes_file(folder, video):

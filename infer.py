@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
+import av
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -427,7 +428,6 @@ def write_annotated_video(path, predictions, video, batch_size=32):
     text_font = font(max(12, height // 22))
     line = max(2, height // 180)
     with atomic_path(path) as tmp:
-        import av
         with av.open(str(tmp), "w", format="mp4") as out:
             try:
                 stream = out.add_stream("libx264", rate=rate, options={"crf": "20", "preset": "veryfast"})
@@ -435,20 +435,18 @@ def write_annotated_video(path, predictions, video, batch_size=32):
                 stream = out.add_stream("mpeg4", rate=rate)
                 stream.bit_rate = 4_000_000
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            index = 0
-            for frames, _ in data.iter_frames(video, batch_size):
-                for frame in frames.numpy():
-                    image = Image.fromarray(frame[:height, :width])
-                    if index < n:
-                        draw_predictions(ImageDraw.Draw(image), predictions, index, text_font, line)
-                    encoded = av.VideoFrame.from_ndarray(np.asarray(image), format="rgb24")
-                    encoded.pts = index
-                    for packet in stream.encode(encoded):
-                        out.mux(packet)
-                    index += 1
-            for packet in stream.encode():
-                out.mux(packet)
-    return index
+            frames = (frame for batch, _ in data.iter_frames(video, batch_size) for frame in batch.numpy())
+            written = 0
+            for index, frame in enumerate(frames):
+                image = Image.fromarray(frame[:height, :width])
+                if index < n:
+                    draw_predictions(ImageDraw.Draw(image), predictions, index, text_font, line)
+                encoded = av.VideoFrame.from_ndarray(np.asarray(image), format="rgb24")
+                encoded.pts = index
+                out.mux(stream.encode(encoded))
+                written += 1
+            out.mux(stream.encode())
+    return written
 
 
 def draw_predictions(draw, predictions, index, text_font, line):

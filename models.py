@@ -218,6 +218,18 @@ def autocast(device, enabled=True):
     return torch.autocast(device.type, torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
+def torchrun_process(join=True):
+    """(rank, world size, device) of this process: under torchrun (RANK, WORLD_SIZE, LOCAL_RANK) its own GPU,
+    and with join it joins the process group (NCCL on GPUs, gloo on CPU); alone (0, 1, cuda or cpu)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if join and world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
 def resolve_device(device=None):
     """A torch.device from a --device value: None or "auto" is cuda when there is one, else cpu."""
     if device is None or device == "auto":

@@ -37,8 +37,9 @@ import data
 from data import (AffWild2Frames, ImageFolderDataset, check_classes, eval_transform, make_loader, read_annotation,
                   train_transform)
 from models import (CLASSES, FUSION_MODES, IGNORE_LABEL, SMOOTHING_KINDS, STAGE2_FORMAT, EmoError, EmotionClassifier,
-                    GatedFusion, LinearHead, MoEHead, RetinaFace, ViT, atomic_path, load_checkpoint, resolve_device,
-                    autocast, run, save_checkpoint, save_json, save_safetensors, smooth_logits, stage1_config)
+                    GatedFusion, LinearHead, MoEHead, RetinaFace, ViT, atomic_path, autocast, load_checkpoint,
+                    resolve_device, run, save_checkpoint, save_json, save_safetensors, smooth_logits, stage1_config,
+                    torchrun_process)
 
 
 # ----------------------------------------------------------------------------------- metrics
@@ -294,14 +295,40 @@ def evaluate(model, loader, device, amp, world=1):
             "images": len(labels)}
 
 
+def start_position(out, resume, model, optimizer, fingerprint):
+    """Where the run in `out` stands: its last/ state loaded into model and optimizer with --resume, else a
+    new run's start (and an error for a run that exists without --resume, or --resume without one)."""
+    has_run = (out / "last").exists() or (out / "last.old").exists()
+    if resume and has_run:
+        position = load_run_state(out / "last", model, optimizer)
+        if position.get("data") != fingerprint:
+            raise EmoError(f"--resume: the training or validation data differ from those {out} was trained on "
+                           f"(see data in {out / 'last' / 'model.json'}); pass the same --data and --val")
+        return position
+    if resume:
+        raise EmoError(f"--resume: {out / 'last'} does not exist; start without --resume")
+    if has_run:
+        raise EmoError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    return {"epoch": 0, "step": 0, "best_macro_f1": -1.0, "data": fingerprint}
+
+
+def accumulate_gradients(trained, forward, batches, class_weights, cfg, step, device, amp, world):
+    """The gradients of one optimizer step over cfg.accumulate micro-batches, synchronised across processes
+    on the last one only. Returns the last micro-batch's loss."""
+    for micro in range(cfg.accumulate):
+        images, labels = (t.to(device, non_blocking=True) for t in next(batches))
+        images, soft = mix(images, labels, cfg, step * cfg.accumulate + micro)
+        last = micro == cfg.accumulate - 1 or world == 1
+        with trained.no_sync() if not last else contextlib.nullcontext():
+            with autocast(device, amp):
+                logits = forward(images)
+            loss = F.cross_entropy(logits.float(), soft, class_weights, label_smoothing=cfg.label_smoothing)
+            (loss / cfg.accumulate).backward()
+    return loss
+
+
 def train_stage1(cfg, resume=False):
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    if world > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    rank, world, device = torchrun_process()
     amp = device.type == "cuda"  # bf16 on GPU; on CPU bf16 matmuls are far slower than fp32
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
@@ -321,17 +348,7 @@ def train_stage1(cfg, resume=False):
         raise EmoError(f"{len(train_set)} training images are fewer than one batch of {cfg.batch_size}")
     total_steps = steps_per_epoch * cfg.epochs
 
-    position = {"epoch": 0, "step": 0, "best_macro_f1": -1.0, "data": fingerprint}
-    has_run = (out / "last").exists() or (out / "last.old").exists()
-    if resume and has_run:
-        position = load_run_state(out / "last", model, optimizer)
-        if position.get("data") != fingerprint:
-            raise EmoError(f"--resume: the training or validation data differ from those {out} was trained on "
-                           f"(see data in {out / 'last' / 'model.json'}); pass the same --data and --val")
-    elif resume:
-        raise EmoError(f"--resume: {out / 'last'} does not exist; start without --resume")
-    elif has_run:
-        raise EmoError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    position = start_position(out, resume, model, optimizer, fingerprint)
     step = position["step"]
     trained = DistributedDataParallel(model, device_ids=[device.index] if amp else None) if world > 1 else model
     forward = torch.compile(trained) if cfg.compile else trained
@@ -352,27 +369,17 @@ def train_stage1(cfg, resume=False):
         for _ in bar:
             set_learning_rates(optimizer, step, total_steps, cfg.min_lr)
             started = time.perf_counter()
-            for micro in range(cfg.accumulate):
-                images, targets = next(batches)
-                images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-                images, soft = mix(images, targets, cfg, step * cfg.accumulate + micro)
-                sync = micro == cfg.accumulate - 1 or world == 1
-                with trained.no_sync() if not sync else contextlib.nullcontext():
-                    with autocast(device, amp):
-                        logits = forward(images)
-                    loss = F.cross_entropy(logits.float(), soft, class_weights,
-                                           label_smoothing=cfg.label_smoothing) / cfg.accumulate
-                    loss.backward()
+            loss = accumulate_gradients(trained, forward, batches, class_weights, cfg, step, device, amp, world)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if rank == 0 and step % cfg.log_every == 0:
                 images_per_second = cfg.batch_size / (time.perf_counter() - started)
-                log.write(json.dumps({"step": step, "epoch": epoch, "loss": loss.item() * cfg.accumulate,
+                log.write(json.dumps({"step": step, "epoch": epoch, "loss": loss.item(),
                                       "grad_norm": float(grad_norm), "images_per_second": images_per_second}) + "\n")
                 log.flush()
-                bar.set_postfix(loss=f"{loss.item() * cfg.accumulate:.3f}", img_s=f"{images_per_second:.0f}")
+                bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{images_per_second:.0f}")
             if rank == 0 and step % cfg.save_every == 0 and step % steps_per_epoch:
                 save_run_state(out / "last", model, optimizer, {**position, "epoch": epoch, "step": step}, cfg)
         metrics = evaluate(model, val_loader, device, amp, world) if val_loader is not None else None
@@ -524,12 +531,9 @@ def extract_stage2_features(cfg, ids):
     videos = data.find_videos(cfg.videos) if cfg.videos else None
     if videos is None and not cfg.cropped_aligned:
         raise EmoError("pass --videos (raw videos) or --cropped-aligned to extract features")
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    _, world, device = torchrun_process()
     detector = None
     if not cfg.cropped_aligned and not cfg.boxes:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         detector = RetinaFace.from_pretrained(cfg.detector).to(device)
     # faces are encoded at the size the encoder was trained at (the recipe's 224, resized from 256)
     size = int(stage1_config(cfg.encoder).get("image_size", 224))
