@@ -189,26 +189,21 @@ def read_torch_weights(path):
 
 
 def _hub_fetcher(repo_id, revision):
-    """fetch(filename) -> local path in the hub cache, or None where the repo has no such file."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    """fetch(filename) -> the file's path in the hub cache (huggingface-hub's snapshot_download fetches only
+    that file, or finds it offline), or None where the repo has no such file."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     def fetch(filename):
         try:
-            return Path(hf_hub_download(repo_id, filename, revision=revision))
+            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=[filename]))
         except (RepositoryNotFoundError, RevisionNotFoundError) as e:
             raise EmoError(f"cannot load {repo_id}: {first_line(e)}") from None
-        except LocalEntryNotFoundError:  # offline, and the cache lacks it: a subclass of the next one
-            if filename == "config.json":
-                raise EmoError(
-                    f"cannot load {repo_id}" + (f" at revision {revision}" if revision else "")
-                    + ": it is not in the Hugging Face cache and the hub cannot be reached "
-                    "(offline, or HF_HUB_OFFLINE=1); download it once online, or pass a local directory"
-                ) from None
-            return None
-        except EntryNotFoundError:
-            return None
+        except LocalEntryNotFoundError:  # offline, and the cache lacks this revision
+            raise EmoError(f"cannot load {repo_id}" + (f" at revision {revision}" if revision else "")
+                           + ": it is not in the Hugging Face cache and the hub cannot be reached (offline, or "
+                           "HF_HUB_OFFLINE=1); download it once online, or pass a local directory") from None
+        return folder / filename if (folder / filename).is_file() else None
     return fetch
 
 
@@ -749,19 +744,19 @@ def smooth_logits(logits, kind="median", window=101, chunk_elements=1 << 24):
 
 @dataclass
 class Wav2Vec2Config:
-    """Defaults are transformers' (the base model's)."""
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    layer_norm_eps: float = 1e-5
-    conv_dim: tuple = (512, 512, 512, 512, 512, 512, 512)
+    """Defaults are transformers' (the base model's), in the order the network uses them."""
+    conv_dim: tuple = (512, 512, 512, 512, 512, 512, 512)  # the feature extractor's convolutions
     conv_kernel: tuple = (10, 3, 3, 3, 3, 2, 2)
     conv_stride: tuple = (5, 2, 2, 2, 2, 2, 2)
     conv_bias: bool = False
     feat_extract_norm: str = "group"    # "group": GroupNorm on the first conv; "layer": LayerNorm on every conv
+    hidden_size: int = 768              # the transformer encoder
     num_conv_pos_embeddings: int = 128
     num_conv_pos_embedding_groups: int = 16
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    layer_norm_eps: float = 1e-5
     do_stable_layer_norm: bool = False  # True: pre-LN encoder (large LV-60); False: post-LN (base)
 
     @classmethod
