@@ -1438,47 +1438,20 @@ def boxes_for(boxes, person, num_frames, source="the boxes"):
 
 def _prefetch(iterable, depth=2):
     """Iterate in a background thread, up to `depth` items ahead: decoding (PyAV) and cropping (torch)
-    release the GIL, so they overlap with the model work of the consumer."""
-    import queue
-    import threading
-    items, stop, done = queue.Queue(maxsize=depth), threading.Event(), object()
-
-    def put(item):
-        while not stop.is_set():
-            try:
-                items.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work():
-        iterator = iter(iterable)
+    release the GIL, so they overlap with the model work of the consumer. The iterator is advanced and
+    closed in that one thread, as PyAV wants a container used from one thread."""
+    iterator, end = iter(iterable), object()
+    with ThreadPoolExecutor(1, thread_name_prefix="emo-decode") as worker:
+        ahead = collections.deque(worker.submit(next, iterator, end) for _ in range(depth))
         try:
-            for item in iterator:
-                if not put((item, None)):
-                    break
-            else:
-                put((done, None))
-        except BaseException as e:  # handed to the consumer, raised there
-            put((done, e))
+            while (item := ahead.popleft().result()) is not end:  # an error in the thread is raised here
+                ahead.append(worker.submit(next, iterator, end))
+                yield item
         finally:
+            for future in ahead:
+                future.cancel()
             if hasattr(iterator, "close"):
-                iterator.close()  # closes the container in the thread that used it
-
-    thread = threading.Thread(target=work, daemon=True, name="emo-decode")
-    thread.start()
-    try:
-        while True:
-            item, error = items.get()
-            if item is done:
-                if error is not None:
-                    raise error
-                return
-            yield item
-    finally:
-        stop.set()
-        thread.join()
+                worker.submit(iterator.close)
 
 
 def _nearest(positions, queries):
