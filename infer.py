@@ -288,25 +288,28 @@ def predict_video(video, predictor, person="largest", fail_without_face=False, p
 
 # ---------------------------------------------------------------------------------------- writers
 
+def write_lines(path, lines):
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+
 def write_csv(path, prediction):
     """One row per video frame: frame,time,label,<8 probabilities>,face,detected,audio (label = class name)."""
     p = prediction
     lines = [CSV_HEADER]
-    probabilities = p.probabilities.astype(np.float64)
-    for i in range(len(p)):
-        values = ",".join(f"{v:.6f}" for v in probabilities[i])
-        lines.append(f"{int(p.frames[i])},{p.times[i]:.6f},{CLASSES[int(p.labels[i])]},{values},"
-                     f"{int(bool(p.face[i]))},{int(bool(p.detected[i]))},{int(bool(p.audio[i]))}")
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text("\n".join(lines) + "\n")
+    columns = zip(p.frames, p.times, p.labels, p.probabilities.astype(np.float64), p.face, p.detected, p.audio)
+    for frame, seconds, label, probabilities, face, detected, audio in columns:
+        values = ",".join(f"{v:.6f}" for v in probabilities)
+        flags = f"{int(face)},{int(detected)},{int(audio)}"
+        lines.append(f"{int(frame)},{seconds:.6f},{CLASSES[int(label)]},{values},{flags}")
+    write_lines(path, lines)
 
 
 def write_abaw(path, prediction):
     """ABAW EXPR submission rows: the header, then `<id>/<1-based 5-digit frame>.jpg,<label 0..7>`."""
     p = prediction
-    rows = [f"{p.id}/{int(f) + 1:05d}.jpg,{int(label)}" for f, label in zip(p.frames, p.labels)]
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text("\n".join([ABAW_SUBMISSION_HEADER, *rows]) + "\n")
+    rows = [f"{p.id}/{int(frame) + 1:05d}.jpg,{int(label)}" for frame, label in zip(p.frames, p.labels)]
+    write_lines(path, [ABAW_SUBMISSION_HEADER, *rows])
 
 
 # Timeline layout, in pixels.
@@ -327,27 +330,23 @@ def font(size):
 def column_summary(times, probabilities, labels, flags, columns):
     """Per pixel column of a time axis: mean probabilities (C, 8), majority label (C,), mean of each
     flag (C, F). Columns no frame falls in take the nearest frame's values."""
-    n = len(times)
-    t0, t1 = float(times[0]), float(times[-1])
-    span = max(t1 - t0, 1e-9)
-    column = np.clip(((times - t0) / span * columns).astype(np.int64), 0, columns - 1) if n > 1 else np.zeros(1, int)
-    counts = np.bincount(column, minlength=columns).astype(np.float64)
-    mean_p = np.zeros((columns, probabilities.shape[1]))
-    np.add.at(mean_p, column, probabilities)
-    votes = np.zeros((columns, len(CLASSES)))
-    np.add.at(votes, (column, labels), 1)
-    mean_f = np.zeros((columns, flags.shape[1]))
-    np.add.at(mean_f, column, flags)
+    t0 = float(times[0])
+    span = max(float(times[-1]) - t0, 1e-9)
+    column = np.clip(((times - t0) / span * columns).astype(np.int64), 0, columns - 1)
+    counts = np.bincount(column, minlength=columns)
     empty = counts == 0
-    nearest = np.clip(np.searchsorted(times, t0 + (np.arange(columns) + 0.5) / columns * span), 0, n - 1)
-    seen = ~empty
-    mean_p[seen] /= counts[seen, None]
-    mean_f[seen] /= counts[seen, None]
-    mean_p[empty] = probabilities[nearest[empty]]
-    mean_f[empty] = flags[nearest[empty]]
-    majority = votes.argmax(1)
-    majority[empty] = labels[nearest[empty]]
-    return mean_p, majority, mean_f
+    centres = t0 + (np.arange(columns) + 0.5) / columns * span
+    nearest = np.clip(np.searchsorted(times, centres[empty]), 0, len(times) - 1)
+
+    def column_mean(values):  # (N, K) -> (C, K)
+        total = np.zeros((columns, values.shape[1]))
+        np.add.at(total, column, values)
+        mean = total / np.maximum(counts, 1)[:, None]
+        mean[empty] = values[nearest]
+        return mean
+
+    majority = column_mean(np.eye(len(CLASSES))[labels]).argmax(1)  # the most frequent label
+    return column_mean(probabilities), majority, column_mean(flags)
 
 
 def tick_step(span, max_ticks=12):
@@ -361,56 +360,56 @@ def write_timeline(path, prediction, width=1200):
     """PNG of the predictions over time (PIL only): a heat strip per class (white = 0, the class colour
     = 1), the label strip, face and audio strips (dark = present), an axis in seconds, a legend."""
     p = prediction
-    height = timeline_height()
     plot = width - TL_LEFT - TL_RIGHT
     if plot < 50:
         raise EmoError(f"timeline width {width} is too small; use at least {TL_LEFT + TL_RIGHT + 50}")
-    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
+    canvas = np.full((timeline_height(), width, 3), 255, dtype=np.uint8)
     colours = np.array(CLASS_COLOURS, dtype=np.float64)
     flags = np.stack([p.face, p.audio], 1).astype(np.float64)
-    mean_p, majority, mean_f = column_summary(p.times, p.probabilities.astype(np.float64), p.labels, flags, plot)
+    mean_p, majority, mean_f = column_summary(p.times, p.probabilities, p.labels, flags, plot)
     x = slice(TL_LEFT, TL_LEFT + plot)
-    y = TL_TITLE
     for c in range(len(CLASSES)):
-        strip = 255 - mean_p[:, c:c + 1] * (255 - colours[c][None])  # (plot, 3)
-        canvas[y + 1:y + TL_ROW, x] = strip.round().astype(np.uint8)[None]
-        y += TL_ROW
-    label_top = y + TL_GAP
-    canvas[label_top:label_top + TL_LABEL, x] = colours[majority].astype(np.uint8)[None]
+        top = TL_TITLE + c * TL_ROW
+        canvas[top + 1:top + TL_ROW, x] = (255 - mean_p[:, c, None] * (255 - colours[c])).round().astype(np.uint8)
+    label_top = TL_TITLE + len(CLASSES) * TL_ROW + TL_GAP
+    canvas[label_top:label_top + TL_LABEL, x] = colours[majority].astype(np.uint8)
     flag_top = label_top + TL_LABEL + TL_GAP
     for k in range(2):
-        shade = (235 - mean_f[:, k] * 175).round().astype(np.uint8)
-        canvas[flag_top + k * (TL_FLAG + 1):flag_top + k * (TL_FLAG + 1) + TL_FLAG, x] = shade[None, :, None]
+        top = flag_top + k * (TL_FLAG + 1)
+        canvas[top:top + TL_FLAG, x] = (235 - mean_f[:, k, None] * 175).round().astype(np.uint8)
     axis_top = flag_top + 2 * TL_FLAG + 2
+
     image = Image.fromarray(canvas)
     draw = ImageDraw.Draw(image)
-    small, title = font(11), font(13)
-    duration = float(p.times[-1] - p.times[0]) if len(p) > 1 else 0.0
+    small = font(11)
+
+    def write(xy, text, font=small):
+        draw.text(xy, text, fill=(0, 0, 0), font=font)
+
+    duration = float(p.times[-1] - p.times[0])
     flagged = " - no face found: audio-only" if p.audio_only else ""
-    draw.text((6, 6), f"{p.id}: {len(p)} frames, {duration:.1f} s at {p.fps:.2f} fps{flagged}", fill=(0, 0, 0),
-              font=title)
+    write((6, 6), f"{p.id}: {len(p)} frames, {duration:.1f} s at {p.fps:.2f} fps{flagged}", font(13))
     for c, name in enumerate(CLASSES):
-        draw.text((6, TL_TITLE + c * TL_ROW + 2), name, fill=(0, 0, 0), font=small)
-    draw.text((6, label_top + 4), "label", fill=(0, 0, 0), font=small)
-    draw.text((6, flag_top - 2), "face", fill=(0, 0, 0), font=font(9))
-    draw.text((6, flag_top + TL_FLAG - 1), "audio", fill=(0, 0, 0), font=font(9))
+        write((6, TL_TITLE + c * TL_ROW + 2), name)
+    write((6, label_top + 4), "label")
+    write((6, flag_top - 2), "face", font(9))
+    write((6, flag_top + TL_FLAG - 1), "audio", font(9))
     draw.rectangle([TL_LEFT - 1, TL_TITLE, TL_LEFT + plot, flag_top + 2 * TL_FLAG + 1], outline=(60, 60, 60))
     draw.line([TL_LEFT, axis_top, TL_LEFT + plot, axis_top], fill=(0, 0, 0))
-    t0 = float(p.times[0]) if len(p) else 0.0
+    t0 = float(p.times[0])
     step = tick_step(max(duration, 1e-3))
     for k in range(math.ceil(t0 / step - 1e-9), math.floor((t0 + duration) / step + 1e-9) + 1):
         tick = round(k * step, 6)  # a multiple of the step, without accumulated rounding
         px = TL_LEFT + (tick - t0) / duration * plot if duration > 0 else TL_LEFT
         draw.line([px, axis_top, px, axis_top + 4], fill=(0, 0, 0))
-        text = f"{tick:g}"
-        draw.text((px - 3 * len(text), axis_top + 6), text, fill=(0, 0, 0), font=small)
-    draw.text((6, axis_top + 6), "time (s)", fill=(0, 0, 0), font=small)
+        write((px - 3 * len(f"{tick:g}"), axis_top + 6), f"{tick:g}")
+    write((6, axis_top + 6), "time (s)")
     legend_top = axis_top + TL_AXIS
     slot = (width - 12) / len(CLASSES)
     for c, name in enumerate(CLASSES):
         lx = 6 + c * slot
         draw.rectangle([lx, legend_top + 4, lx + 12, legend_top + 16], fill=CLASS_COLOURS[c], outline=(0, 0, 0))
-        draw.text((lx + 16, legend_top + 4), name, fill=(0, 0, 0), font=small)
+        write((lx + 16, legend_top + 4), name)
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
     return image.size
