@@ -26,7 +26,6 @@ import dataclasses
 import math
 import sys
 import time
-from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -51,7 +50,7 @@ CLASS_COLOURS = ((128, 128, 128), (220, 40, 40), (110, 150, 30), (140, 70, 190),
 
 # ------------------------------------------------------------------------------------ predictions
 
-@dataclass
+@dataclasses.dataclass
 class VideoPrediction:
     """One person's predictions on every frame of one video (numpy arrays, one row per frame)."""
     id: str                      # <stem>, <stem>_left or <stem>_right: the name of the output files
@@ -133,10 +132,10 @@ class Predictor:
                                                   info.get("audio_revision")).to(device).eval()
         if detector == "none":
             detector = None
-        elif not isinstance(detector, torch.nn.Module):
-            source = detector or info.get("detector") or DEFAULT_DETECTOR
-            detector = models.RetinaFace.from_pretrained(_resolve(source, ckpt_dir))
-        if detector is not None:
+        else:
+            if not isinstance(detector, torch.nn.Module):
+                source = detector or info.get("detector") or DEFAULT_DETECTOR
+                detector = models.RetinaFace.from_pretrained(_resolve(source, ckpt_dir))
             detector = detector.to(device).eval()
         check_dimensions(info, encoder, w2v, ckpt_dir)
         return cls(ensemble.to(device).eval(), encoder, w2v, detector, info, feature_cfg, device)
@@ -148,11 +147,11 @@ class Predictor:
         if boxes is None and self.detector is None:
             raise EmoError(f"{video}: no face detector was loaded and no boxes were given for it; pass --boxes "
                            "or leave out --detector none")
-        kwargs = dict(cfg=self.feature_cfg, device=self.device, progress=progress, boxes=boxes)
-        audio_dim = (self.info.get("fusion") or {}).get("audio_dim")
-        if audio_dim:
-            kwargs["audio_dim"] = audio_dim  # the zeros of a checkpoint without an audio model
-        found = data.people_features(video, self.encoder, self.w2v, self.detector, tuple(people), **kwargs)
+        # audio_dim: the width of the zeros that stand in for a checkpoint without an audio model
+        audio_dim = self.info["fusion"].get("audio_dim", 1024)  # 1024: GatedFusion's default
+        found = data.people_features(video, self.encoder, self.w2v, self.detector, tuple(people),
+                                     cfg=self.feature_cfg, device=self.device, progress=progress, boxes=boxes,
+                                     audio_dim=audio_dim)
         return [(person, found[person]) for person in people]
 
     @torch.inference_mode()
@@ -181,15 +180,8 @@ class Predictor:
                            "predicted; use a fused checkpoint or a video where a face is visible")
         if self._audio_only is None:
             model = copy.deepcopy(self.ensemble)
-            pinned = 0
-            for module in model.modules():
-                mean = getattr(module, "visual_mean", None)
-                if isinstance(mean, torch.Tensor):
-                    mean.zero_()
-                    pinned += 1
-            if not pinned:
-                raise EmoError("the checkpoint's fusion has no visual normalisation statistics (visual_mean), "
-                               "so no audio-only prediction is possible")
+            for fold in model.models:
+                fold.visual_mean.zero_()
             self._audio_only = model.eval()
         return self._audio_only
 
@@ -200,20 +192,18 @@ def feature_config(info, ckpt_dir, stride=1, batch_size=None, detect_every=None)
         cfg = data.FeatureConfig(**info["features"])
     except TypeError as e:
         raise EmoError(f"{ckpt_dir}: feature settings do not fit this emo ({first_line(e)})") from None
-    names = {f.name for f in dataclasses.fields(cfg)}
-    if stride != 1:
-        if "stride" not in names:
-            raise EmoError("--stride is not supported by this copy of emo")
+    if stride != 1:  # 1, the default, keeps the checkpoint's stride
         cfg = dataclasses.replace(cfg, stride=stride)
     if detect_every is not None:
         cfg = dataclasses.replace(cfg, detect=dataclasses.replace(cfg.detect, every=detect_every))
     if batch_size is not None:  # every batch size: they change speed and memory, never the results
-        cfg = dataclasses.replace(cfg, **{n: batch_size for n in names if "batch" in n})
+        batches = {f.name: batch_size for f in dataclasses.fields(cfg) if "batch" in f.name}
+        cfg = dataclasses.replace(cfg, **batches)
     return cfg
 
 
 def check_dimensions(info, encoder, w2v, ckpt_dir):
-    fusion = info.get("fusion") or {}
+    fusion = info["fusion"]  # load_stage2 has built the folds from it
     encoder_dim = encoder.backbone.cfg.hidden_size
     if fusion.get("visual_dim") not in (None, encoder_dim):
         raise EmoError(f"{ckpt_dir} does not fit: its fusion takes {fusion['visual_dim']}-d visual features "
