@@ -461,34 +461,22 @@ def draw_predictions(draw, predictions, index, text_font, line):
         draw.text((x + 3, y + 2), text, fill=(255, 255, 255), font=text_font)
 
 
-def output_paths(out, predictions, video_out):
-    """{file kind: path} for each prediction, and the MP4's path (None without --video-out)."""
-    out = Path(out)
-    files = [{"csv": out / f"{p.id}.csv", "abaw": out / f"{p.id}.abaw.txt", "png": out / f"{p.id}.png"}
-             for p in predictions]
-    mp4 = None
-    if video_out:
-        name = predictions[0].id if len(predictions) == 1 else Path(predictions[0].video).stem
-        mp4 = out / f"{name}.mp4"
-    return files, mp4
-
-
 def write_outputs(out, predictions, video_out=False, batch_size=32):
     """Every output file of one video's predictions, all-or-nothing: each is written under a temporary
     name, and they are renamed only when all are complete. Returns the written paths."""
-    files, mp4 = output_paths(out, predictions, video_out)
-    Path(out).mkdir(parents=True, exist_ok=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     written = []
     with contextlib.ExitStack() as stack:
-        for prediction, paths in zip(predictions, files):
-            tmp = {kind: stack.enter_context(atomic_path(path)) for kind, path in paths.items()}
-            write_csv(tmp["csv"], prediction)
-            write_abaw(tmp["abaw"], prediction)
-            write_timeline(tmp["png"], prediction)
-            written += paths.values()
-        if mp4 is not None:
-            write_annotated_video(stack.enter_context(atomic_path(mp4)), predictions, predictions[0].video,
-                                  batch_size)
+        for p in predictions:
+            for suffix, write in ((".csv", write_csv), (".abaw.txt", write_abaw), (".png", write_timeline)):
+                path = out / f"{p.id}{suffix}"
+                write(stack.enter_context(atomic_path(path)), p)
+                written.append(path)
+        if video_out:
+            video = predictions[0].video
+            mp4 = out / f"{predictions[0].id if len(predictions) == 1 else Path(video).stem}.mp4"
+            write_annotated_video(stack.enter_context(atomic_path(mp4)), predictions, video, batch_size)
             written.append(mp4)
     return written
 
