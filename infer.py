@@ -80,8 +80,7 @@ def prediction_from_logits(logits, features, id, video, person, info):
     return VideoPrediction(
         id=id, video=str(video), person=person, fps=float(info.fps), width=int(info.width), height=int(info.height),
         frames=np.arange(len(logits), dtype=np.int64), times=_numpy(features.times).astype(np.float64),
-        probabilities=probabilities.numpy().astype(np.float32),
-        labels=probabilities.argmax(-1).numpy().astype(np.int64),
+        probabilities=probabilities.numpy(), labels=probabilities.argmax(-1).numpy(),
         face=face, detected=_numpy(features.detected).astype(bool), audio=_numpy(features.audio_present).astype(bool),
         boxes=_numpy(features.boxes).astype(np.float32), audio_only=not face.any())
 
@@ -164,8 +163,7 @@ class Predictor:
         model = self.ensemble
         if len(face) and not face.any() and self.mode != "audio":
             model, visual = self.audio_only_ensemble(), torch.zeros_like(visual)
-        raw = model(visual, audio).float()
-        return models.smooth_logits(raw, self.smoothing["kind"], int(self.smoothing["window"])).cpu()
+        return models.smooth_logits(model(visual, audio), self.smoothing["kind"], int(self.smoothing["window"])).cpu()
 
     def audio_only_ensemble(self):
         """The ensemble with each fold's visual input pinned to its training mean.
@@ -416,25 +414,24 @@ def write_annotated_video(path, predictions, video, batch_size=32):
     rate = Fraction(info.fps if info.fps > 0 else 25).limit_denominator(1001)
     text_font = font(max(12, height // 22))
     line = max(2, height // 180)
-    with atomic_path(path) as tmp:
-        with av.open(str(tmp), "w", format="mp4") as out:
-            try:
-                stream = out.add_stream("libx264", rate=rate, options={"crf": "20", "preset": "veryfast"})
-            except (av.FFmpegError, ValueError):
-                stream = out.add_stream("mpeg4", rate=rate)
-                stream.bit_rate = 4_000_000
-            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            frames = (frame for batch, _ in data.iter_frames(video, batch_size) for frame in batch.numpy())
-            written = 0
-            for index, frame in enumerate(frames):
-                image = Image.fromarray(frame[:height, :width])
-                if index < n:
-                    draw_predictions(ImageDraw.Draw(image), predictions, index, text_font, line)
-                encoded = av.VideoFrame.from_ndarray(np.asarray(image), format="rgb24")
-                encoded.pts = index
-                out.mux(stream.encode(encoded))
-                written += 1
-            out.mux(stream.encode())
+    with atomic_path(path) as tmp, av.open(str(tmp), "w", format="mp4") as out:
+        try:
+            stream = out.add_stream("libx264", rate=rate, options={"crf": "20", "preset": "veryfast"})
+        except (av.FFmpegError, ValueError):
+            stream = out.add_stream("mpeg4", rate=rate)
+            stream.bit_rate = 4_000_000
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        frames = (frame for batch, _ in data.iter_frames(video, batch_size) for frame in batch.numpy())
+        written = 0
+        for index, frame in enumerate(frames):
+            image = Image.fromarray(frame[:height, :width])
+            if index < n:
+                draw_predictions(ImageDraw.Draw(image), predictions, index, text_font, line)
+            encoded = av.VideoFrame.from_ndarray(np.asarray(image), format="rgb24")
+            encoded.pts = index
+            out.mux(stream.encode(encoded))
+            written += 1
+        out.mux(stream.encode())
     return written
 
 
@@ -448,8 +445,8 @@ def draw_predictions(draw, predictions, index, text_font, line):
         if len(predictions) > 1:
             text = f"{p.person}: {text}"
         box = p.boxes[index]
-        if bool(p.face[index]) and np.isfinite(box).all():
-            draw.rectangle([float(v) for v in box], outline=colour, width=line)
+        if p.face[index] and np.isfinite(box).all():
+            draw.rectangle(box.tolist(), outline=colour, width=line)
             x, y = float(box[0]), float(box[1]) - size - 8  # above the box, or below it at the top edge
             if y < 0:
                 y = float(box[3]) + 2
@@ -499,10 +496,10 @@ def find_inputs(paths):
             raise EmoError(f"{path} does not exist")
     stems = {}
     for video in videos:
-        if video.stem in stems and stems[video.stem] != video.resolve():
-            raise EmoError(f"two videos are named {video.stem}: {stems[video.stem]} and {video}; their outputs "
+        first = stems.setdefault(video.stem, video.resolve())
+        if first != video.resolve():
+            raise EmoError(f"two videos are named {video.stem}: {first} and {video}; their outputs "
                            "would overwrite each other, so run them into different --out folders")
-        stems[video.stem] = video.resolve()
     return list(dict.fromkeys(videos))
 
 
@@ -587,10 +584,11 @@ def main(argv=None):
                                         boxes=boxes_for_video(args.boxes, video, videos))
             written = write_outputs(out, predictions, args.video_out, args.batch_size or 32)
             seconds = time.perf_counter() - start
-            frames += len(predictions[0])
-            tqdm.write(f"[{number}/{len(videos)}] {video}: {len(predictions[0])} frames in {seconds:.1f} s "
-                       f"({len(predictions[0]) / max(seconds, 1e-9):.1f} frames/s) -> "
-                       + ", ".join(p.name for p in written), file=sys.stderr)
+            n = len(predictions[0])
+            frames += n
+            tqdm.write(f"[{number}/{len(videos)}] {video}: {n} frames in {seconds:.1f} s "
+                       f"({n / max(seconds, 1e-9):.1f} frames/s) -> " + ", ".join(p.name for p in written),
+                       file=sys.stderr)
     finally:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # an error before the first video's outputs: leave no trace
