@@ -137,7 +137,7 @@ class Predictor:
                 detector = models.RetinaFace.from_pretrained(_resolve(source, ckpt_dir))
             detector = detector.to(device).eval()
         check_dimensions(info, encoder, w2v, ckpt_dir)
-        return cls(ensemble.to(device).eval(), encoder, w2v, detector, info, feature_cfg, device)
+        return cls(ensemble, encoder, w2v, detector, info, feature_cfg, device)
 
     def features(self, video, people=("largest",), progress=False, boxes=None):
         """[(person, FrameFeatures)] for each of `people` (largest, left, right) in a video: one decoding
@@ -146,8 +146,8 @@ class Predictor:
         if boxes is None and self.detector is None:
             raise EmoError(f"{video}: no face detector was loaded and no boxes were given for it; pass --boxes "
                            "or leave out --detector none")
-        # audio_dim: the width of the zeros that stand in for a checkpoint without an audio model
-        audio_dim = self.info["fusion"].get("audio_dim", 1024)  # 1024: GatedFusion's default
+        # the width of the zeros that stand in for the sound of a checkpoint without an audio model
+        audio_dim = self.info["fusion"].get("audio_dim", 1024)  # GatedFusion's default
         found = data.people_features(video, self.encoder, self.w2v, self.detector, tuple(people),
                                      cfg=self.feature_cfg, device=self.device, progress=progress, boxes=boxes,
                                      audio_dim=audio_dim)
@@ -163,7 +163,8 @@ class Predictor:
         model = self.ensemble
         if len(face) and not face.any() and self.mode != "audio":
             model, visual = self.audio_only_ensemble(), torch.zeros_like(visual)
-        return models.smooth_logits(model(visual, audio), self.smoothing["kind"], int(self.smoothing["window"])).cpu()
+        kind, window = self.smoothing["kind"], int(self.smoothing["window"])
+        return models.smooth_logits(model(visual, audio), kind, window).cpu()
 
     def audio_only_ensemble(self):
         """The ensemble with each fold's visual input pinned to its training mean.
@@ -305,7 +306,7 @@ TL_LEFT, TL_RIGHT, TL_TITLE, TL_ROW, TL_GAP, TL_LABEL, TL_FLAG, TL_AXIS, TL_LEGE
 
 
 def timeline_height():
-    return (TL_TITLE + len(CLASSES) * TL_ROW + TL_GAP + TL_LABEL + TL_GAP + 2 * TL_FLAG + 2 + TL_AXIS + TL_LEGEND)
+    return TL_TITLE + len(CLASSES) * TL_ROW + TL_GAP + TL_LABEL + TL_GAP + 2 * TL_FLAG + 2 + TL_AXIS + TL_LEGEND
 
 
 def font(size):
