@@ -159,7 +159,7 @@ class Predictor:
         audio_only_ensemble with zero visual input."""
         visual = features.visual.to(self.device, torch.float32)
         audio = features.audio.to(self.device, torch.float32)
-        face = torch.as_tensor(features.face)
+        face = features.face
         model = self.ensemble
         if len(face) and not face.any() and self.mode != "audio":
             model, visual = self.audio_only_ensemble(), torch.zeros_like(visual)
@@ -260,14 +260,14 @@ def predict_video(video, predictor, person="largest", fail_without_face=False, p
     rules = person_rules(person)
     predictions = []
     for id, rule, features in people(Path(video).stem, person, predictor.features(video, rules, progress, boxes)):
-        face = torch.as_tensor(features.face)
+        face = features.face
         if len(face) == 0:
             raise EmoError(f"{video} has no decodable video frames; re-encode it")
         if not face.any() and predictor.mode != "audio":
             if fail_without_face:
                 raise EmoError(f"{video}: no face found on any of its {len(face)} frames "
                                "(--fail-without-face); check the video, or try another --detector")
-            if predictor.w2v is None or not torch.as_tensor(features.audio_present).any():
+            if predictor.w2v is None or not features.audio_present.any():
                 raise EmoError(f"{video}: no face found on any of its {len(face)} frames and it has no sound, "
                                "so there is nothing to predict from")
             warn(f"{video}: no face found on any frame; writing audio-only predictions (face=0 on every row)")
@@ -515,8 +515,8 @@ def positive_int(text):
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="infer.py", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1],
+    description, epilog = __doc__.split("\n\n", 1)
+    p = argparse.ArgumentParser(prog="infer.py", description=description, epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="VIDEO", help="video files, or folders searched recursively for them")
     p.add_argument("--ckpt", default="runs/stage2", metavar="DIR",
