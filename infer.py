@@ -26,7 +26,6 @@ import dataclasses
 import math
 import sys
 import time
-from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -51,7 +50,7 @@ CLASS_COLOURS = ((128, 128, 128), (220, 40, 40), (110, 150, 30), (140, 70, 190),
 
 # ------------------------------------------------------------------------------------ predictions
 
-@dataclass
+@dataclasses.dataclass
 class VideoPrediction:
     """One person's predictions on every frame of one video (numpy arrays, one row per frame)."""
     id: str                      # <stem>, <stem>_left or <stem>_right: the name of the output files
@@ -81,8 +80,7 @@ def prediction_from_logits(logits, features, id, video, person, info):
     return VideoPrediction(
         id=id, video=str(video), person=person, fps=float(info.fps), width=int(info.width), height=int(info.height),
         frames=np.arange(len(logits), dtype=np.int64), times=_numpy(features.times).astype(np.float64),
-        probabilities=probabilities.numpy().astype(np.float32),
-        labels=probabilities.argmax(-1).numpy().astype(np.int64),
+        probabilities=probabilities.numpy(), labels=probabilities.argmax(-1).numpy(),
         face=face, detected=_numpy(features.detected).astype(bool), audio=_numpy(features.audio_present).astype(bool),
         boxes=_numpy(features.boxes).astype(np.float32), audio_only=not face.any())
 
@@ -133,13 +131,13 @@ class Predictor:
                                                   info.get("audio_revision")).to(device).eval()
         if detector == "none":
             detector = None
-        elif not isinstance(detector, torch.nn.Module):
-            source = detector or info.get("detector") or DEFAULT_DETECTOR
-            detector = models.RetinaFace.from_pretrained(_resolve(source, ckpt_dir))
-        if detector is not None:
+        else:
+            if not isinstance(detector, torch.nn.Module):
+                source = detector or info.get("detector") or DEFAULT_DETECTOR
+                detector = models.RetinaFace.from_pretrained(_resolve(source, ckpt_dir))
             detector = detector.to(device).eval()
         check_dimensions(info, encoder, w2v, ckpt_dir)
-        return cls(ensemble.to(device).eval(), encoder, w2v, detector, info, feature_cfg, device)
+        return cls(ensemble, encoder, w2v, detector, info, feature_cfg, device)
 
     def features(self, video, people=("largest",), progress=False, boxes=None):
         """[(person, FrameFeatures)] for each of `people` (largest, left, right) in a video: one decoding
@@ -148,11 +146,11 @@ class Predictor:
         if boxes is None and self.detector is None:
             raise EmoError(f"{video}: no face detector was loaded and no boxes were given for it; pass --boxes "
                            "or leave out --detector none")
-        kwargs = dict(cfg=self.feature_cfg, device=self.device, progress=progress, boxes=boxes)
-        audio_dim = (self.info.get("fusion") or {}).get("audio_dim")
-        if audio_dim:
-            kwargs["audio_dim"] = audio_dim  # the zeros of a checkpoint without an audio model
-        found = data.people_features(video, self.encoder, self.w2v, self.detector, tuple(people), **kwargs)
+        # the width of the zeros that stand in for the sound of a checkpoint without an audio model
+        audio_dim = self.info["fusion"].get("audio_dim", 1024)  # GatedFusion's default
+        found = data.people_features(video, self.encoder, self.w2v, self.detector, tuple(people),
+                                     cfg=self.feature_cfg, device=self.device, progress=progress, boxes=boxes,
+                                     audio_dim=audio_dim)
         return [(person, found[person]) for person in people]
 
     @torch.inference_mode()
@@ -161,12 +159,12 @@ class Predictor:
         audio_only_ensemble with zero visual input."""
         visual = features.visual.to(self.device, torch.float32)
         audio = features.audio.to(self.device, torch.float32)
-        face = torch.as_tensor(features.face)
+        face = features.face
         model = self.ensemble
         if len(face) and not face.any() and self.mode != "audio":
             model, visual = self.audio_only_ensemble(), torch.zeros_like(visual)
-        raw = model(visual, audio).float()
-        return models.smooth_logits(raw, self.smoothing["kind"], int(self.smoothing["window"])).cpu()
+        kind, window = self.smoothing["kind"], int(self.smoothing["window"])
+        return models.smooth_logits(model(visual, audio), kind, window).cpu()
 
     def audio_only_ensemble(self):
         """The ensemble with each fold's visual input pinned to its training mean.
@@ -181,15 +179,8 @@ class Predictor:
                            "predicted; use a fused checkpoint or a video where a face is visible")
         if self._audio_only is None:
             model = copy.deepcopy(self.ensemble)
-            pinned = 0
-            for module in model.modules():
-                mean = getattr(module, "visual_mean", None)
-                if isinstance(mean, torch.Tensor):
-                    mean.zero_()
-                    pinned += 1
-            if not pinned:
-                raise EmoError("the checkpoint's fusion has no visual normalisation statistics (visual_mean), "
-                               "so no audio-only prediction is possible")
+            for fold in model.models:
+                fold.visual_mean.zero_()
             self._audio_only = model.eval()
         return self._audio_only
 
@@ -200,20 +191,18 @@ def feature_config(info, ckpt_dir, stride=1, batch_size=None, detect_every=None)
         cfg = data.FeatureConfig(**info["features"])
     except TypeError as e:
         raise EmoError(f"{ckpt_dir}: feature settings do not fit this emo ({first_line(e)})") from None
-    names = {f.name for f in dataclasses.fields(cfg)}
-    if stride != 1:
-        if "stride" not in names:
-            raise EmoError("--stride is not supported by this copy of emo")
+    if stride != 1:  # 1, the default, keeps the checkpoint's stride
         cfg = dataclasses.replace(cfg, stride=stride)
     if detect_every is not None:
         cfg = dataclasses.replace(cfg, detect=dataclasses.replace(cfg.detect, every=detect_every))
     if batch_size is not None:  # every batch size: they change speed and memory, never the results
-        cfg = dataclasses.replace(cfg, **{n: batch_size for n in names if "batch" in n})
+        batches = {f.name: batch_size for f in dataclasses.fields(cfg) if "batch" in f.name}
+        cfg = dataclasses.replace(cfg, **batches)
     return cfg
 
 
 def check_dimensions(info, encoder, w2v, ckpt_dir):
-    fusion = info.get("fusion") or {}
+    fusion = info["fusion"]  # load_stage2 has built the folds from it
     encoder_dim = encoder.backbone.cfg.hidden_size
     if fusion.get("visual_dim") not in (None, encoder_dim):
         raise EmoError(f"{ckpt_dir} does not fit: its fusion takes {fusion['visual_dim']}-d visual features "
@@ -271,14 +260,14 @@ def predict_video(video, predictor, person="largest", fail_without_face=False, p
     rules = person_rules(person)
     predictions = []
     for id, rule, features in people(Path(video).stem, person, predictor.features(video, rules, progress, boxes)):
-        face = torch.as_tensor(features.face)
+        face = features.face
         if len(face) == 0:
             raise EmoError(f"{video} has no decodable video frames; re-encode it")
         if not face.any() and predictor.mode != "audio":
             if fail_without_face:
                 raise EmoError(f"{video}: no face found on any of its {len(face)} frames "
                                "(--fail-without-face); check the video, or try another --detector")
-            if predictor.w2v is None or not torch.as_tensor(features.audio_present).any():
+            if predictor.w2v is None or not features.audio_present.any():
                 raise EmoError(f"{video}: no face found on any of its {len(face)} frames and it has no sound, "
                                "so there is nothing to predict from")
             warn(f"{video}: no face found on any frame; writing audio-only predictions (face=0 on every row)")
@@ -288,25 +277,28 @@ def predict_video(video, predictor, person="largest", fail_without_face=False, p
 
 # ---------------------------------------------------------------------------------------- writers
 
+def write_lines(path, lines):
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+
 def write_csv(path, prediction):
     """One row per video frame: frame,time,label,<8 probabilities>,face,detected,audio (label = class name)."""
     p = prediction
     lines = [CSV_HEADER]
-    probabilities = p.probabilities.astype(np.float64)
-    for i in range(len(p)):
-        values = ",".join(f"{v:.6f}" for v in probabilities[i])
-        lines.append(f"{int(p.frames[i])},{p.times[i]:.6f},{CLASSES[int(p.labels[i])]},{values},"
-                     f"{int(bool(p.face[i]))},{int(bool(p.detected[i]))},{int(bool(p.audio[i]))}")
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text("\n".join(lines) + "\n")
+    columns = zip(p.frames, p.times, p.labels, p.probabilities.astype(np.float64), p.face, p.detected, p.audio)
+    for frame, seconds, label, probabilities, face, detected, audio in columns:
+        values = ",".join(f"{v:.6f}" for v in probabilities)
+        flags = f"{int(face)},{int(detected)},{int(audio)}"
+        lines.append(f"{int(frame)},{seconds:.6f},{CLASSES[int(label)]},{values},{flags}")
+    write_lines(path, lines)
 
 
 def write_abaw(path, prediction):
     """ABAW EXPR submission rows: the header, then `<id>/<1-based 5-digit frame>.jpg,<label 0..7>`."""
     p = prediction
-    rows = [f"{p.id}/{int(f) + 1:05d}.jpg,{int(label)}" for f, label in zip(p.frames, p.labels)]
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text("\n".join([ABAW_SUBMISSION_HEADER, *rows]) + "\n")
+    rows = [f"{p.id}/{int(frame) + 1:05d}.jpg,{int(label)}" for frame, label in zip(p.frames, p.labels)]
+    write_lines(path, [ABAW_SUBMISSION_HEADER, *rows])
 
 
 # Timeline layout, in pixels.
@@ -314,7 +306,7 @@ TL_LEFT, TL_RIGHT, TL_TITLE, TL_ROW, TL_GAP, TL_LABEL, TL_FLAG, TL_AXIS, TL_LEGE
 
 
 def timeline_height():
-    return (TL_TITLE + len(CLASSES) * TL_ROW + TL_GAP + TL_LABEL + TL_GAP + 2 * TL_FLAG + 2 + TL_AXIS + TL_LEGEND)
+    return TL_TITLE + len(CLASSES) * TL_ROW + TL_GAP + TL_LABEL + TL_GAP + 2 * TL_FLAG + 2 + TL_AXIS + TL_LEGEND
 
 
 def font(size):
@@ -327,27 +319,23 @@ def font(size):
 def column_summary(times, probabilities, labels, flags, columns):
     """Per pixel column of a time axis: mean probabilities (C, 8), majority label (C,), mean of each
     flag (C, F). Columns no frame falls in take the nearest frame's values."""
-    n = len(times)
-    t0, t1 = float(times[0]), float(times[-1])
-    span = max(t1 - t0, 1e-9)
-    column = np.clip(((times - t0) / span * columns).astype(np.int64), 0, columns - 1) if n > 1 else np.zeros(1, int)
-    counts = np.bincount(column, minlength=columns).astype(np.float64)
-    mean_p = np.zeros((columns, probabilities.shape[1]))
-    np.add.at(mean_p, column, probabilities)
-    votes = np.zeros((columns, len(CLASSES)))
-    np.add.at(votes, (column, labels), 1)
-    mean_f = np.zeros((columns, flags.shape[1]))
-    np.add.at(mean_f, column, flags)
+    t0 = float(times[0])
+    span = max(float(times[-1]) - t0, 1e-9)
+    column = np.clip(((times - t0) / span * columns).astype(np.int64), 0, columns - 1)
+    counts = np.bincount(column, minlength=columns)
     empty = counts == 0
-    nearest = np.clip(np.searchsorted(times, t0 + (np.arange(columns) + 0.5) / columns * span), 0, n - 1)
-    seen = ~empty
-    mean_p[seen] /= counts[seen, None]
-    mean_f[seen] /= counts[seen, None]
-    mean_p[empty] = probabilities[nearest[empty]]
-    mean_f[empty] = flags[nearest[empty]]
-    majority = votes.argmax(1)
-    majority[empty] = labels[nearest[empty]]
-    return mean_p, majority, mean_f
+    centres = t0 + (np.arange(columns) + 0.5) / columns * span
+    nearest = np.clip(np.searchsorted(times, centres[empty]), 0, len(times) - 1)
+
+    def column_mean(values):  # (N, K) -> (C, K)
+        total = np.zeros((columns, values.shape[1]))
+        np.add.at(total, column, values)
+        mean = total / np.maximum(counts, 1)[:, None]
+        mean[empty] = values[nearest]
+        return mean
+
+    majority = column_mean(np.eye(len(CLASSES))[labels]).argmax(1)  # the most frequent label
+    return column_mean(probabilities), majority, column_mean(flags)
 
 
 def tick_step(span, max_ticks=12):
@@ -361,56 +349,56 @@ def write_timeline(path, prediction, width=1200):
     """PNG of the predictions over time (PIL only): a heat strip per class (white = 0, the class colour
     = 1), the label strip, face and audio strips (dark = present), an axis in seconds, a legend."""
     p = prediction
-    height = timeline_height()
     plot = width - TL_LEFT - TL_RIGHT
     if plot < 50:
         raise EmoError(f"timeline width {width} is too small; use at least {TL_LEFT + TL_RIGHT + 50}")
-    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
+    canvas = np.full((timeline_height(), width, 3), 255, dtype=np.uint8)
     colours = np.array(CLASS_COLOURS, dtype=np.float64)
     flags = np.stack([p.face, p.audio], 1).astype(np.float64)
-    mean_p, majority, mean_f = column_summary(p.times, p.probabilities.astype(np.float64), p.labels, flags, plot)
+    mean_p, majority, mean_f = column_summary(p.times, p.probabilities, p.labels, flags, plot)
     x = slice(TL_LEFT, TL_LEFT + plot)
-    y = TL_TITLE
     for c in range(len(CLASSES)):
-        strip = 255 - mean_p[:, c:c + 1] * (255 - colours[c][None])  # (plot, 3)
-        canvas[y + 1:y + TL_ROW, x] = strip.round().astype(np.uint8)[None]
-        y += TL_ROW
-    label_top = y + TL_GAP
-    canvas[label_top:label_top + TL_LABEL, x] = colours[majority].astype(np.uint8)[None]
+        top = TL_TITLE + c * TL_ROW
+        canvas[top + 1:top + TL_ROW, x] = (255 - mean_p[:, c, None] * (255 - colours[c])).round().astype(np.uint8)
+    label_top = TL_TITLE + len(CLASSES) * TL_ROW + TL_GAP
+    canvas[label_top:label_top + TL_LABEL, x] = colours[majority].astype(np.uint8)
     flag_top = label_top + TL_LABEL + TL_GAP
     for k in range(2):
-        shade = (235 - mean_f[:, k] * 175).round().astype(np.uint8)
-        canvas[flag_top + k * (TL_FLAG + 1):flag_top + k * (TL_FLAG + 1) + TL_FLAG, x] = shade[None, :, None]
+        top = flag_top + k * (TL_FLAG + 1)
+        canvas[top:top + TL_FLAG, x] = (235 - mean_f[:, k, None] * 175).round().astype(np.uint8)
     axis_top = flag_top + 2 * TL_FLAG + 2
+
     image = Image.fromarray(canvas)
     draw = ImageDraw.Draw(image)
-    small, title = font(11), font(13)
-    duration = float(p.times[-1] - p.times[0]) if len(p) > 1 else 0.0
+    small = font(11)
+
+    def write(xy, text, font=small):
+        draw.text(xy, text, fill=(0, 0, 0), font=font)
+
+    duration = float(p.times[-1] - p.times[0])
     flagged = " - no face found: audio-only" if p.audio_only else ""
-    draw.text((6, 6), f"{p.id}: {len(p)} frames, {duration:.1f} s at {p.fps:.2f} fps{flagged}", fill=(0, 0, 0),
-              font=title)
+    write((6, 6), f"{p.id}: {len(p)} frames, {duration:.1f} s at {p.fps:.2f} fps{flagged}", font(13))
     for c, name in enumerate(CLASSES):
-        draw.text((6, TL_TITLE + c * TL_ROW + 2), name, fill=(0, 0, 0), font=small)
-    draw.text((6, label_top + 4), "label", fill=(0, 0, 0), font=small)
-    draw.text((6, flag_top - 2), "face", fill=(0, 0, 0), font=font(9))
-    draw.text((6, flag_top + TL_FLAG - 1), "audio", fill=(0, 0, 0), font=font(9))
+        write((6, TL_TITLE + c * TL_ROW + 2), name)
+    write((6, label_top + 4), "label")
+    write((6, flag_top - 2), "face", font(9))
+    write((6, flag_top + TL_FLAG - 1), "audio", font(9))
     draw.rectangle([TL_LEFT - 1, TL_TITLE, TL_LEFT + plot, flag_top + 2 * TL_FLAG + 1], outline=(60, 60, 60))
     draw.line([TL_LEFT, axis_top, TL_LEFT + plot, axis_top], fill=(0, 0, 0))
-    t0 = float(p.times[0]) if len(p) else 0.0
+    t0 = float(p.times[0])
     step = tick_step(max(duration, 1e-3))
     for k in range(math.ceil(t0 / step - 1e-9), math.floor((t0 + duration) / step + 1e-9) + 1):
         tick = round(k * step, 6)  # a multiple of the step, without accumulated rounding
         px = TL_LEFT + (tick - t0) / duration * plot if duration > 0 else TL_LEFT
         draw.line([px, axis_top, px, axis_top + 4], fill=(0, 0, 0))
-        text = f"{tick:g}"
-        draw.text((px - 3 * len(text), axis_top + 6), text, fill=(0, 0, 0), font=small)
-    draw.text((6, axis_top + 6), "time (s)", fill=(0, 0, 0), font=small)
+        write((px - 3 * len(f"{tick:g}"), axis_top + 6), f"{tick:g}")
+    write((6, axis_top + 6), "time (s)")
     legend_top = axis_top + TL_AXIS
     slot = (width - 12) / len(CLASSES)
     for c, name in enumerate(CLASSES):
         lx = 6 + c * slot
         draw.rectangle([lx, legend_top + 4, lx + 12, legend_top + 16], fill=CLASS_COLOURS[c], outline=(0, 0, 0))
-        draw.text((lx + 16, legend_top + 4), name, fill=(0, 0, 0), font=small)
+        write((lx + 16, legend_top + 4), name)
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
     return image.size
@@ -427,25 +415,24 @@ def write_annotated_video(path, predictions, video, batch_size=32):
     rate = Fraction(info.fps if info.fps > 0 else 25).limit_denominator(1001)
     text_font = font(max(12, height // 22))
     line = max(2, height // 180)
-    with atomic_path(path) as tmp:
-        with av.open(str(tmp), "w", format="mp4") as out:
-            try:
-                stream = out.add_stream("libx264", rate=rate, options={"crf": "20", "preset": "veryfast"})
-            except (av.FFmpegError, ValueError):
-                stream = out.add_stream("mpeg4", rate=rate)
-                stream.bit_rate = 4_000_000
-            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            frames = (frame for batch, _ in data.iter_frames(video, batch_size) for frame in batch.numpy())
-            written = 0
-            for index, frame in enumerate(frames):
-                image = Image.fromarray(frame[:height, :width])
-                if index < n:
-                    draw_predictions(ImageDraw.Draw(image), predictions, index, text_font, line)
-                encoded = av.VideoFrame.from_ndarray(np.asarray(image), format="rgb24")
-                encoded.pts = index
-                out.mux(stream.encode(encoded))
-                written += 1
-            out.mux(stream.encode())
+    with atomic_path(path) as tmp, av.open(str(tmp), "w", format="mp4") as out:
+        try:
+            stream = out.add_stream("libx264", rate=rate, options={"crf": "20", "preset": "veryfast"})
+        except (av.FFmpegError, ValueError):
+            stream = out.add_stream("mpeg4", rate=rate)
+            stream.bit_rate = 4_000_000
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        frames = (frame for batch, _ in data.iter_frames(video, batch_size) for frame in batch.numpy())
+        written = 0
+        for index, frame in enumerate(frames):
+            image = Image.fromarray(frame[:height, :width])
+            if index < n:
+                draw_predictions(ImageDraw.Draw(image), predictions, index, text_font, line)
+            encoded = av.VideoFrame.from_ndarray(np.asarray(image), format="rgb24")
+            encoded.pts = index
+            out.mux(stream.encode(encoded))
+            written += 1
+        out.mux(stream.encode())
     return written
 
 
@@ -459,8 +446,8 @@ def draw_predictions(draw, predictions, index, text_font, line):
         if len(predictions) > 1:
             text = f"{p.person}: {text}"
         box = p.boxes[index]
-        if bool(p.face[index]) and np.isfinite(box).all():
-            draw.rectangle([float(v) for v in box], outline=colour, width=line)
+        if p.face[index] and np.isfinite(box).all():
+            draw.rectangle(box.tolist(), outline=colour, width=line)
             x, y = float(box[0]), float(box[1]) - size - 8  # above the box, or below it at the top edge
             if y < 0:
                 y = float(box[3]) + 2
@@ -472,34 +459,22 @@ def draw_predictions(draw, predictions, index, text_font, line):
         draw.text((x + 3, y + 2), text, fill=(255, 255, 255), font=text_font)
 
 
-def output_paths(out, predictions, video_out):
-    """{file kind: path} for each prediction, and the MP4's path (None without --video-out)."""
-    out = Path(out)
-    files = [{"csv": out / f"{p.id}.csv", "abaw": out / f"{p.id}.abaw.txt", "png": out / f"{p.id}.png"}
-             for p in predictions]
-    mp4 = None
-    if video_out:
-        name = predictions[0].id if len(predictions) == 1 else Path(predictions[0].video).stem
-        mp4 = out / f"{name}.mp4"
-    return files, mp4
-
-
 def write_outputs(out, predictions, video_out=False, batch_size=32):
     """Every output file of one video's predictions, all-or-nothing: each is written under a temporary
     name, and they are renamed only when all are complete. Returns the written paths."""
-    files, mp4 = output_paths(out, predictions, video_out)
-    Path(out).mkdir(parents=True, exist_ok=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     written = []
     with contextlib.ExitStack() as stack:
-        for prediction, paths in zip(predictions, files):
-            tmp = {kind: stack.enter_context(atomic_path(path)) for kind, path in paths.items()}
-            write_csv(tmp["csv"], prediction)
-            write_abaw(tmp["abaw"], prediction)
-            write_timeline(tmp["png"], prediction)
-            written += paths.values()
-        if mp4 is not None:
-            write_annotated_video(stack.enter_context(atomic_path(mp4)), predictions, predictions[0].video,
-                                  batch_size)
+        for p in predictions:
+            for suffix, write in ((".csv", write_csv), (".abaw.txt", write_abaw), (".png", write_timeline)):
+                path = out / f"{p.id}{suffix}"
+                write(stack.enter_context(atomic_path(path)), p)
+                written.append(path)
+        if video_out:
+            video = predictions[0].video
+            mp4 = out / f"{predictions[0].id if len(predictions) == 1 else Path(video).stem}.mp4"
+            write_annotated_video(stack.enter_context(atomic_path(mp4)), predictions, video, batch_size)
             written.append(mp4)
     return written
 
@@ -522,10 +497,10 @@ def find_inputs(paths):
             raise EmoError(f"{path} does not exist")
     stems = {}
     for video in videos:
-        if video.stem in stems and stems[video.stem] != video.resolve():
-            raise EmoError(f"two videos are named {video.stem}: {stems[video.stem]} and {video}; their outputs "
+        first = stems.setdefault(video.stem, video.resolve())
+        if first != video.resolve():
+            raise EmoError(f"two videos are named {video.stem}: {first} and {video}; their outputs "
                            "would overwrite each other, so run them into different --out folders")
-        stems[video.stem] = video.resolve()
     return list(dict.fromkeys(videos))
 
 
@@ -540,8 +515,8 @@ def positive_int(text):
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="infer.py", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1],
+    description, epilog = __doc__.split("\n\n", 1)
+    p = argparse.ArgumentParser(prog="infer.py", description=description, epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="VIDEO", help="video files, or folders searched recursively for them")
     p.add_argument("--ckpt", default="runs/stage2", metavar="DIR",
@@ -610,10 +585,11 @@ def main(argv=None):
                                         boxes=boxes_for_video(args.boxes, video, videos))
             written = write_outputs(out, predictions, args.video_out, args.batch_size or 32)
             seconds = time.perf_counter() - start
-            frames += len(predictions[0])
-            tqdm.write(f"[{number}/{len(videos)}] {video}: {len(predictions[0])} frames in {seconds:.1f} s "
-                       f"({len(predictions[0]) / max(seconds, 1e-9):.1f} frames/s) -> "
-                       + ", ".join(p.name for p in written), file=sys.stderr)
+            n = len(predictions[0])
+            frames += n
+            tqdm.write(f"[{number}/{len(videos)}] {video}: {n} frames in {seconds:.1f} s "
+                       f"({n / max(seconds, 1e-9):.1f} frames/s) -> " + ", ".join(p.name for p in written),
+                       file=sys.stderr)
     finally:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # an error before the first video's outputs: leave no trace
