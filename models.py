@@ -647,10 +647,9 @@ class GatedFusion(nn.Module):
             raise ValueError(f"mode must be one of {', '.join(FUSION_MODES)}, got {mode!r}")
         self.mode = mode
         self.visual_dropout, self.audio_dropout = visual_dropout, audio_dropout
-        self.register_buffer("visual_mean", torch.zeros(visual_dim))
-        self.register_buffer("visual_std", torch.ones(visual_dim))
-        self.register_buffer("audio_mean", torch.zeros(audio_dim))
-        self.register_buffer("audio_std", torch.ones(audio_dim))
+        for branch, dim in (("visual", visual_dim), ("audio", audio_dim)):
+            self.register_buffer(f"{branch}_mean", torch.zeros(dim))
+            self.register_buffer(f"{branch}_std", torch.ones(dim))
         self.visual = nn.Linear(visual_dim, hidden) if mode != "audio" else None
         self.audio = nn.Linear(audio_dim, hidden) if mode != "visual" else None
         self.gate = (nn.Sequential(nn.Linear(visual_dim + audio_dim, hidden), nn.ReLU(), nn.Dropout(dropout),
@@ -1404,7 +1403,8 @@ def load_stage2(ckpt_dir, device=None, info=None):
     """A Stage II checkpoint directory -> (FusionEnsemble in eval mode, the stage2.json dict).
     info: its read_stage2_info when already read."""
     info = info or read_stage2_info(ckpt_dir)
-    absent = [f for f in info["fold_files"] if not (Path(ckpt_dir) / f).is_file()]
+    folder = Path(ckpt_dir)
+    absent = [f for f in info["fold_files"] if not (folder / f).is_file()]
     if not info["fold_files"] or absent:
         raise EmoError(f"{ckpt_dir} is incomplete: fold file {absent[0] if absent else '(none listed)'} is missing")
     folds = []
@@ -1415,7 +1415,7 @@ def load_stage2(ckpt_dir, device=None, info=None):
         except (KeyError, TypeError, ValueError) as e:
             raise EmoError(f"{ckpt_dir} does not fit this emo ({first_line(e)}); "
                            "train it again with this version's train.py --stage 2") from None
-        folds.append(load_weights(model, read_safetensors(Path(ckpt_dir) / name), Path(ckpt_dir) / name))
+        folds.append(load_weights(model, read_safetensors(folder / name), folder / name))
     return FusionEnsemble(folds).to(device).eval(), info
 
 
