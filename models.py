@@ -131,10 +131,22 @@ def model_source(name_or_path, revision=None):
     return _hub_fetcher(str(name_or_path), revision), where
 
 
-def _no_weights(where, filenames, name_or_path):
+def _first_file(fetch, where, filenames, name_or_path):
+    """The path of the first of `filenames` that the source has (the later ones are not downloaded)."""
+    for filename in filenames:
+        path = fetch(filename)
+        if path is not None:
+            return path
     hub = not Path(name_or_path).expanduser().is_dir()
-    return EmoError(f"{where} has no weights: looked for {', '.join(filenames)}"
-                    + (" in the hub and, offline, in the Hugging Face cache" if hub else ""))
+    raise EmoError(f"{where} has no weights: looked for {', '.join(filenames)}"
+                   + (" in the hub and, offline, in the Hugging Face cache" if hub else ""))
+
+
+def _read_config_file(fetch, where):
+    config_file = fetch("config.json")
+    if config_file is None:
+        raise EmoError(f"{where} has no config.json")
+    return read_json(config_file)
 
 
 def load_pretrained(name_or_path, revision=None):
@@ -145,27 +157,19 @@ def load_pretrained(name_or_path, revision=None):
     with torch.load(weights_only=True), which cannot run code.
     """
     fetch, where = model_source(name_or_path, revision)
-    config_file = fetch("config.json")
-    if config_file is None:
-        raise EmoError(f"{where} has no config.json")
-    config = read_json(config_file)
-    for filename in WEIGHT_FILES:
-        weights_file = fetch(filename)
-        if weights_file is None:
-            continue
-        if filename.endswith(".index.json"):
-            shards = sorted(set(read_json(weights_file).get("weight_map", {}).values()))
-            tensors = {}
-            for shard in shards:
-                shard_file = fetch(shard)
-                if shard_file is None:
-                    raise EmoError(f"{where} lists weight shard {shard} but it is missing")
-                tensors.update(read_safetensors(shard_file))
-            return config, tensors
-        if filename.endswith(".bin"):
-            return config, read_torch_weights(weights_file)
-        return config, read_safetensors(weights_file)
-    raise _no_weights(where, WEIGHT_FILES, name_or_path)
+    config = _read_config_file(fetch, where)
+    weights_file = _first_file(fetch, where, WEIGHT_FILES, name_or_path)
+    if weights_file.name.endswith(".index.json"):
+        tensors = {}
+        for shard in sorted(set(read_json(weights_file).get("weight_map", {}).values())):
+            shard_file = fetch(shard)
+            if shard_file is None:
+                raise EmoError(f"{where} lists weight shard {shard} but it is missing")
+            tensors.update(read_safetensors(shard_file))
+        return config, tensors
+    if weights_file.suffix == ".bin":
+        return config, read_torch_weights(weights_file)
+    return config, read_safetensors(weights_file)
 
 
 def fetch_weights_file(name_or_path, filenames, revision=None):
@@ -174,10 +178,7 @@ def fetch_weights_file(name_or_path, filenames, revision=None):
     if Path(name_or_path).expanduser().is_file():
         return Path(name_or_path).expanduser()
     fetch, where = model_source(name_or_path, revision)
-    found = next((path for path in map(fetch, filenames) if path is not None), None)
-    if found is None:
-        raise _no_weights(where, filenames, name_or_path)
-    return found
+    return _first_file(fetch, where, filenames, name_or_path)
 
 
 def read_torch_weights(path):
@@ -418,10 +419,11 @@ class ViT(nn.Module):
 
     def freeze(self, num_blocks):
         """Stop training the patch embedding, tokens, position table and the first num_blocks blocks."""
-        frozen = [self.patch_embed, *self.blocks[:num_blocks]]
-        tokens = [self.cls_token, self.pos_embed] + ([self.register_tokens] if self.register_tokens is not None else [])
-        for tensor in tokens + [p for module in frozen for p in module.parameters()]:
-            tensor.requires_grad_(False)
+        for module in (self.patch_embed, *self.blocks[:num_blocks]):
+            module.requires_grad_(False)
+        for token in (self.cls_token, self.pos_embed, self.register_tokens):
+            if token is not None:
+                token.requires_grad_(False)
 
     def position_embeddings(self, grid_h, grid_w):
         table = self.pos_embed
@@ -645,10 +647,9 @@ class GatedFusion(nn.Module):
             raise ValueError(f"mode must be one of {', '.join(FUSION_MODES)}, got {mode!r}")
         self.mode = mode
         self.visual_dropout, self.audio_dropout = visual_dropout, audio_dropout
-        self.register_buffer("visual_mean", torch.zeros(visual_dim))
-        self.register_buffer("visual_std", torch.ones(visual_dim))
-        self.register_buffer("audio_mean", torch.zeros(audio_dim))
-        self.register_buffer("audio_std", torch.ones(audio_dim))
+        for branch, dim in (("visual", visual_dim), ("audio", audio_dim)):
+            self.register_buffer(f"{branch}_mean", torch.zeros(dim))
+            self.register_buffer(f"{branch}_std", torch.ones(dim))
         self.visual = nn.Linear(visual_dim, hidden) if mode != "audio" else None
         self.audio = nn.Linear(audio_dim, hidden) if mode != "visual" else None
         self.gate = (nn.Sequential(nn.Linear(visual_dim + audio_dim, hidden), nn.ReLU(), nn.Dropout(dropout),
@@ -1299,12 +1300,16 @@ def split_qkv(state):
     return state
 
 
-def from_hf_checkpoint(model_class, config_class, convert, name_or_path, revision, overrides):
-    hf_config, tensors = load_pretrained(name_or_path, revision)
+def _config_from_hf(config_class, hf, source, overrides=None):
     try:
-        cfg = config_class.from_hf(hf_config, **overrides)
+        return config_class.from_hf(hf, **(overrides or {}))
     except ValueError as e:  # the configs trust nothing but raise ValueError: the user's file, named here
-        raise EmoError(f"{name_or_path}: {e}") from None
+        raise EmoError(f"{source}: {e}") from None
+
+
+def from_hf_checkpoint(model_class, config_class, convert, name_or_path, revision, overrides):
+    hf, tensors = load_pretrained(name_or_path, revision)
+    cfg = _config_from_hf(config_class, hf, name_or_path, overrides)
     with torch.device("meta"):  # no time spent initialising weights that are about to be replaced
         model = model_class(cfg)
     return load_weights(model, convert(tensors), name_or_path)
@@ -1332,13 +1337,11 @@ def load_weights(model, state, source):
 def stage1_directory(stage1_dir):
     """The checkpoint directory of a Stage I run: stage1_dir itself, or its best/, else its last/."""
     directory = Path(stage1_dir)
-    if not (directory / "model.json").is_file():
-        found = [directory / sub for sub in ("best", "last") if (directory / sub / "model.json").is_file()]
-        if not found:
-            raise EmoError(f"{stage1_dir} is not a Stage I checkpoint: no model.json in it or in its best/ or last/; "
-                           "pass the --out directory of train.py --stage 1 (or its best/)")
-        directory = found[0]
-    return directory
+    for candidate in (directory, directory / "best", directory / "last"):
+        if (candidate / "model.json").is_file():
+            return candidate
+    raise EmoError(f"{stage1_dir} is not a Stage I checkpoint: no model.json in it or in its best/ or last/; "
+                   "pass the --out directory of train.py --stage 1 (or its best/)")
 
 
 def stage1_config(stage1_dir):
@@ -1356,27 +1359,20 @@ def load_encoder(stage1_dir, device=None):
     directory or the hub), as the weights file holds the whole model.
     """
     directory = stage1_directory(stage1_dir)
-    state, info = load_checkpoint(directory)
-    config = info.get("config") if isinstance(info, dict) else None
-    if not isinstance(config, dict) or not config.get("backbone"):
+    state = read_safetensors(directory / "model.safetensors")
+    config = stage1_config(directory)
+    if not config.get("backbone"):
         raise EmoError(f"{directory / 'model.json'} has no Stage I config with a backbone; "
                        "is it a train.py checkpoint?")
     fetch, where = model_source(config["backbone"], config.get("revision"))
-    config_file = fetch("config.json")
-    if config_file is None:
-        raise EmoError(f"the Stage I backbone {where} has no config.json")
-    try:
-        vit_cfg = ViTConfig.from_hf(read_json(config_file))
-    except ValueError as e:
-        raise EmoError(f"{where}: {e}") from None
+    vit_cfg = _config_from_hf(ViTConfig, _read_config_file(fetch, f"the Stage I backbone {where}"), where)
+    heads = {"moe": MoEHead, "linear": LinearHead}
     head = config.get("head", "moe")
-    if head not in ("moe", "linear"):
+    if head not in heads:
         raise EmoError(f"{directory / 'model.json'}: unknown head {head!r}")
     with torch.device("meta"):
-        dim = vit_cfg.hidden_size
-        model = EmotionClassifier(ViT(vit_cfg), MoEHead(dim, len(CLASSES)) if head == "moe"
-                                  else LinearHead(dim, len(CLASSES)))
-    return load_weights(model, state, str(directory)).to(device or "cpu").eval()
+        model = EmotionClassifier(ViT(vit_cfg), heads[head](vit_cfg.hidden_size, len(CLASSES)))
+    return load_weights(model, state, str(directory)).to(device or "cpu")
 
 
 def read_stage2_info(ckpt_dir):
@@ -1389,8 +1385,8 @@ def read_stage2_info(ckpt_dir):
     if not ckpt.is_dir():
         raise EmoError(f"checkpoint {ckpt} is not a folder; pass the --out folder of train.py --stage 2")
     if not (ckpt / "stage2.json").is_file():
-        hint = " (that is a Stage I run; pass the Stage II one)" if (ckpt / "best").is_dir() or \
-            (ckpt / "model.safetensors").is_file() else ""
+        stage1 = (ckpt / "best").is_dir() or (ckpt / "model.safetensors").is_file()
+        hint = " (that is a Stage I run; pass the Stage II one)" if stage1 else ""
         raise EmoError(f"{ckpt} is not a Stage II checkpoint: it has no stage2.json{hint}")
     info = read_json(ckpt / "stage2.json")
     if not isinstance(info, dict) or info.get("format") != STAGE2_FORMAT:
@@ -1407,7 +1403,8 @@ def load_stage2(ckpt_dir, device=None, info=None):
     """A Stage II checkpoint directory -> (FusionEnsemble in eval mode, the stage2.json dict).
     info: its read_stage2_info when already read."""
     info = info or read_stage2_info(ckpt_dir)
-    absent = [f for f in info["fold_files"] if not (Path(ckpt_dir) / f).is_file()]
+    folder = Path(ckpt_dir)
+    absent = [f for f in info["fold_files"] if not (folder / f).is_file()]
     if not info["fold_files"] or absent:
         raise EmoError(f"{ckpt_dir} is incomplete: fold file {absent[0] if absent else '(none listed)'} is missing")
     folds = []
@@ -1418,7 +1415,7 @@ def load_stage2(ckpt_dir, device=None, info=None):
         except (KeyError, TypeError, ValueError) as e:
             raise EmoError(f"{ckpt_dir} does not fit this emo ({first_line(e)}); "
                            "train it again with this version's train.py --stage 2") from None
-        folds.append(load_weights(model, read_safetensors(Path(ckpt_dir) / name), Path(ckpt_dir) / name))
+        folds.append(load_weights(model, read_safetensors(folder / name), folder / name))
     return FusionEnsemble(folds).to(device).eval(), info
 
 
@@ -1488,24 +1485,26 @@ def init_random(model, seed=0, std=0.02):
     linear and patch weights ~ N(0, std), zero biases, unit norms, layer scales at their config value,
     the wav2vec2 convolutions He-normal. For demos and tests; returns the model in eval mode."""
     generator = torch.Generator().manual_seed(seed)
+
+    def normal(tensor, scale):
+        tensor.copy_(torch.randn(tensor.shape, generator=generator) * scale)
+
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
                 module.weight.fill_(1.0)
-                module.bias.zero_()
             elif isinstance(module, (nn.Linear, nn.Conv2d)):
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std)
-                if module.bias is not None:
-                    module.bias.zero_()
+                normal(module.weight, std)
             elif isinstance(module, nn.Conv1d):
-                fan_in = module.weight[0].numel()
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * math.sqrt(2 / fan_in))
-                if module.bias is not None:
-                    module.bias.zero_()
+                normal(module.weight, math.sqrt(2 / module.weight[0].numel()))
+            else:
+                continue
+            if module.bias is not None:
+                module.bias.zero_()
         if isinstance(model, ViT):
             for token in (model.cls_token, model.pos_embed, model.register_tokens):
                 if token is not None:
-                    token.copy_(torch.randn(token.shape, generator=generator) * std)
+                    normal(token, std)
             for block in model.blocks:
                 block.ls1.fill_(model.cfg.layerscale_value)
                 block.ls2.fill_(model.cfg.layerscale_value)
