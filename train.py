@@ -17,9 +17,11 @@ report.md / report.json; each fold's epoch and smoothing are chosen on its train
 """
 import argparse
 import contextlib
+import inspect
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -86,8 +88,8 @@ class Stage1Config:
     val: str = ""                  # "cropped_aligned,annotation_dir" (Aff-Wild2) or "layout:folder"
     val_frames_per_video: int = 50
     backbone: str = "facebook/dinov2-large"
-    revision: str = None
-    head: str = "moe"              # or "linear"
+    revision: str = None           # of --backbone on the hub; default the newest
+    head: str = "moe"              # moe or linear
     out: str = "runs/stage1"
     epochs: int = 12
     batch_size: int = 64           # across all processes and accumulation steps
@@ -111,7 +113,7 @@ class Stage1Config:
     erasing: float = 0.25
     workers: int = 8
     seed: int = 0
-    compile: bool = False
+    compile: bool = False          # torch.compile the model
     save_every: int = 500          # steps between mid-epoch checkpoints
     log_every: int = 20
 
@@ -332,6 +334,7 @@ def train_stage1(cfg, resume=False):
     amp = device.type == "cuda"  # bf16 on GPU; on CPU bf16 matmuls are far slower than fp32
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
     if cfg.batch_size % (world * cfg.accumulate):
         raise EmoError(f"--batch-size {cfg.batch_size} must be a multiple of processes x --accumulate "
                        f"({world * cfg.accumulate})")
@@ -872,6 +875,27 @@ def report_markdown(cfg, results, ablation, smoothing):
 
 # ---------------------------------------------------------------------------------- command line
 
+def field_comments(config_class):
+    """{field: its trailing comment} from the dataclass's source: the comments are the --help texts."""
+    return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(config_class), re.MULTILINE))
+
+
+def add_config_arguments(parser, config_class):
+    """One flag per field of the config dataclass, with the field's default and its comment as the help."""
+    comments = field_comments(config_class)
+    for name, default in asdict(config_class()).items():
+        flag = "--" + name.replace("_", "-")
+        comment = comments.get(name, "").replace("%", "%%")  # argparse formats help with %
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", help=f"{comment} (default off)".lstrip())
+        elif isinstance(default, list):
+            parser.add_argument(flag, action="append", default=[], help=f"{comment} (repeatable)".lstrip())
+        else:
+            shown = " (default %(default)s)" if default not in ("", None) else ""
+            parser.add_argument(flag, type=type(default) if default is not None else str, default=default,
+                                help=(comment + shown).lstrip())
+
+
 def main(argv=None):
     stage = argparse.ArgumentParser(add_help=False)
     stage.add_argument("--stage", type=int)
@@ -884,24 +908,13 @@ def main(argv=None):
                         "(`--stage 2 --help` lists its flags)")
     if config_class is Stage1Config:
         parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    for name, value in asdict(config_class()).items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            parser.add_argument(flag, action="store_true", help="(default off)")
-        elif isinstance(value, list):
-            parser.add_argument(flag, action="append", default=[], help="repeatable")
-        else:
-            parser.add_argument(flag, type=type(value) if value is not None else str, default=value,
-                                help="(default %(default)s)")
+    add_config_arguments(parser, config_class)
     args = vars(parser.parse_args(argv))
-    args.pop("stage")
-    if config_class is Stage2Config:
+    if args.pop("stage") == 2:
         train_stage2(Stage2Config(**args))
-        return
-    resume = args.pop("resume")
-    cfg = Stage1Config(**args)
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    train_stage1(cfg, resume)
+    else:
+        resume = args.pop("resume")
+        train_stage1(Stage1Config(**args), resume)
 
 
 if __name__ == "__main__":
