@@ -143,26 +143,24 @@ class EpochSampler(torch.utils.data.Sampler):
     def __init__(self, size, seed, epoch, rank=0, world=1, start=0):
         self.size, self.seed, self.epoch, self.rank, self.world, self.start = size, seed, epoch, rank, world, start
 
-    def order(self):
+    def __iter__(self):
         permutation = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         usable = self.size - self.size % self.world
-        return permutation[:usable][self.rank::self.world][self.start:].tolist()
-
-    def __iter__(self):
-        return ((self.epoch, index) for index in self.order())
+        share = permutation[:usable][self.rank::self.world][self.start:].tolist()
+        return ((self.epoch, index) for index in share)
 
     def __len__(self):
         return max(0, self.size // self.world - self.start)
 
 
 def load_sets(cfg):
+    transform = train_transform(cfg.image_size, cfg.crop_scale, cfg.jitter, cfg.grayscale, cfg.blur, cfg.padaug,
+                                cfg.erasing)
     train_sets = []
     for spec in cfg.data:
         layout, _, folder = spec.partition(":")
         if not folder:
             raise EmoError(f"--data {spec!r}: expected LAYOUT:FOLDER, e.g. affectnet:/data/AffectNet/train_set")
-        transform = train_transform(cfg.image_size, cfg.crop_scale, cfg.jitter, cfg.grayscale, cfg.blur, cfg.padaug,
-                                    cfg.erasing)
         train_sets.append(ImageFolderDataset(folder, layout, transform))
     if not train_sets:
         raise EmoError("no training data: pass --data LAYOUT:FOLDER (plain, affectnet or rafdb) at least once")
@@ -219,7 +217,7 @@ def set_learning_rates(optimizer, step, total_steps, min_lr):
 def inverse_frequency_weights(labels):
     """Per-class loss weights 1 / count, normalised to mean 1 over the classes present (0 for absent ones)."""
     counts = torch.bincount(labels, minlength=len(CLASSES)).float()
-    inverse = torch.where(counts > 0, 1 / counts.clamp(min=1), torch.zeros_like(counts))
+    inverse = torch.where(counts > 0, 1 / counts, 0.0)
     return inverse / inverse[counts > 0].mean()
 
 
@@ -379,9 +377,8 @@ def train_stage1(cfg, resume=False):
             step += 1
             if rank == 0 and step % cfg.log_every == 0:
                 images_per_second = cfg.batch_size / (time.perf_counter() - started)
-                log.write(json.dumps({"step": step, "epoch": epoch, "loss": loss.item(),
-                                      "grad_norm": float(grad_norm), "images_per_second": images_per_second}) + "\n")
-                log.flush()
+                print(json.dumps({"step": step, "epoch": epoch, "loss": loss.item(), "grad_norm": float(grad_norm),
+                                  "images_per_second": images_per_second}), file=log, flush=True)
                 bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{images_per_second:.0f}")
             if rank == 0 and step % cfg.save_every == 0 and step % steps_per_epoch:
                 save_run_state(out / "last", model, optimizer, {**position, "epoch": epoch, "step": step}, cfg)
@@ -389,8 +386,7 @@ def train_stage1(cfg, resume=False):
         if rank == 0:
             position = {**position, "epoch": epoch + 1, "step": step}
             if metrics:
-                log.write(json.dumps({"step": step, "epoch": epoch + 1, "val": metrics}) + "\n")
-                log.flush()
+                print(json.dumps({"step": step, "epoch": epoch + 1, "val": metrics}), file=log, flush=True)
                 tqdm.write(f"epoch {epoch + 1}: validation Macro-F1 {metrics['macro_f1']:.4f}")
                 if metrics["macro_f1"] > position["best_macro_f1"]:
                     position["best_macro_f1"] = metrics["macro_f1"]
@@ -464,17 +460,13 @@ def check_stage2_config(cfg):
         raise EmoError(f"--epochs and --batch-size must be positive, got {cfg.epochs} and {cfg.batch_size}")
     if cfg.class_weights not in ("inverse", "none"):
         raise EmoError(f"--class-weights must be inverse or none, got {cfg.class_weights!r}")
-    return list(dict.fromkeys(modes + [cfg.mode])), smoothing_candidates(cfg)
+    kinds = [kind for kind in split_list(cfg.smoothing_kinds) if kind != "none"]
+    candidates = [("none", 1)] + [(kind, window) for kind in kinds for window in windows if window > 1]
+    return list(dict.fromkeys(modes + [cfg.mode])), candidates  # ("none", 1) always competes
 
 
 def split_list(text):
     return [item.strip() for item in str(text).split(",") if item.strip()]
-
-
-def smoothing_candidates(cfg):
-    """(kind, window) pairs to choose from; ("none", 1) always competes."""
-    kinds = [k for k in split_list(cfg.smoothing_kinds) if k != "none"]
-    return [("none", 1)] + [(kind, int(w)) for kind in kinds for w in split_list(cfg.smoothing_windows) if int(w) > 1]
 
 
 # ------------------------------------------------------------------------------ Stage II data
@@ -495,15 +487,10 @@ def read_annotations(path):
     root = annotation_root(path)
     splits = {}
     for split in ("Train_Set", "Validation_Set"):
-        files = sorted((root / split).glob("*.txt")) if (root / split).is_dir() else []
-        splits[split] = {f.stem: read_annotation(f) for f in files}
+        splits[split] = {f.stem: read_annotation(f) for f in sorted((root / split).glob("*.txt"))}
     if not any(splits.values()):
         raise EmoError(f"no annotations in {root}: expected Train_Set/<id>.txt and Validation_Set/<id>.txt")
     return splits
-
-
-def feature_file(features_dir, annotation_id):
-    return Path(features_dir) / f"{annotation_id}.features.safetensors"
 
 
 def stage2_features(cfg):
@@ -517,14 +504,14 @@ def stage2_features(cfg):
     cfg.features = cfg.features or str(Path(cfg.out) / "features")
     if cfg.videos or cfg.cropped_aligned:
         extract_stage2_features(cfg, ids)
-    if not cfg.features or not Path(cfg.features).is_dir():
+    if not Path(cfg.features).is_dir():
         raise EmoError(f"--features {cfg.features!r} is not a folder; extract the per-frame features first "
                        "(one <id>.features.safetensors per annotation id)")
-    paths = {i: feature_file(cfg.features, i) for i in ids}
+    paths = {i: data.features_path(cfg.features, i) for i in ids}
     missing = [i for i, path in paths.items() if not path.is_file()]
     if missing:
         raise EmoError(f"{len(missing)} of {len(ids)} feature files are missing in {cfg.features} "
-                       f"(e.g. {feature_file(cfg.features, missing[0]).name}); extract the features first")
+                       f"(e.g. {paths[missing[0]].name}); extract the features first")
     return paths
 
 
@@ -532,8 +519,6 @@ def extract_stage2_features(cfg, ids):
     if not cfg.encoder:
         raise EmoError("--encoder is needed to extract features: pass the Stage I run (e.g. runs/stage1/best)")
     videos = data.find_videos(cfg.videos) if cfg.videos else None
-    if videos is None and not cfg.cropped_aligned:
-        raise EmoError("pass --videos (raw videos) or --cropped-aligned to extract features")
     _, world, device = torchrun_process()
     detector = None
     if not cfg.cropped_aligned and not cfg.boxes:
@@ -544,7 +529,7 @@ def extract_stage2_features(cfg, ids):
     annotation_dirs = [annotation_root(cfg.annotations) / split for split in ("Train_Set", "Validation_Set")]
     for annotation_dir in annotation_dirs:  # the aligned-crop variant reads the frame count from the annotation
         split_ids = [i for i in ids if (annotation_dir / f"{i}.txt").is_file()]
-        data.extract_features(split_ids, videos if videos is not None else None, cfg.features, cfg.encoder,
+        data.extract_features(split_ids, videos, cfg.features, cfg.encoder,
                               cfg.audio_model if cfg.audio_model != "none" else None, detector,
                               feature_cfg, audio_revision=cfg.audio_revision,
                               cropped_aligned=cfg.cropped_aligned or None, annotation_dir=annotation_dir,
@@ -692,13 +677,10 @@ def fit_fusion(rows, train_index, kwargs, cfg, device, seed, stop_after=None, on
     model.to(device)
     labels = rows.labels[train_index].to(device)
     weights = inverse_frequency_weights(labels) if cfg.class_weights == "inverse" else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=device.type == "cuda")
-    for group in optimizer.param_groups:
-        group["base_lr"] = cfg.lr
+    optimizer = torch.optim.AdamW([{"params": model.parameters(), "base_lr": cfg.lr}], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay, fused=on_device)
     n = len(train_index)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total_steps, step = steps_per_epoch * cfg.epochs, 0
+    total_steps, step = math.ceil(n / cfg.batch_size) * cfg.epochs, 0
     generator = torch.Generator().manual_seed(seed)
     for epoch in range(stop_after or cfg.epochs):
         model.train()
@@ -724,12 +706,7 @@ def fit_fusion(rows, train_index, kwargs, cfg, device, seed, stop_after=None, on
 def video_logits(model, rows, ids, device):
     """{id: logits of all its frames, in frame order}."""
     logits = predict_rows(model, rows, rows.index(ids, valid_only=False), device)
-    out, start = {}, 0
-    for i in ids:
-        n = rows.spans[i][1] - rows.spans[i][0]
-        out[i] = logits[start:start + n]
-        start += n
-    return out
+    return dict(zip(ids, logits.split([rows.spans[i][1] - rows.spans[i][0] for i in ids])))
 
 
 def scores(rows, per_id, candidates, device=None):
@@ -741,10 +718,6 @@ def scores(rows, per_id, candidates, device=None):
         predictions = torch.cat([smooth_logits(logits, kind, window).argmax(-1) for logits in per_id.values()])
         result[(kind, window)] = macro_f1(labels, predictions.cpu())
     return result
-
-
-def evaluate_ids(model, rows, ids, device, candidates):
-    return scores(rows, video_logits(model, rows, ids, device), candidates, device)
 
 
 def select_and_train(rows, train_ids, mode, cfg, device, candidates, seed):
@@ -819,7 +792,7 @@ def train_stage2(cfg):
             started = time.perf_counter()
             model, selection = select_and_train(rows, train_ids, mode, cfg, device, candidates, cfg.seed + 1000 * k)
             chosen = (selection["smoothing"]["kind"], selection["smoothing"]["window"])
-            reported = evaluate_ids(model, rows, report_ids, device, [("none", 1), chosen])
+            reported = scores(rows, video_logits(model, rows, report_ids, device), [("none", 1), chosen], device)
             results[mode].append({"name": name, "train_ids": len(train_ids), "report_ids": report_ids,
                                   "raw": round(reported[("none", 1)], 5), "smoothed": round(reported[chosen], 5),
                                   "selection": selection})
@@ -841,8 +814,9 @@ def train_stage2(cfg):
               "folds": [r["name"] for r in final], "ablation": ablation, "runs": results,
               "fold_of_id": folds, "config": asdict(cfg)}
     save_json(out / "report.json", report)
+    markdown = report_markdown(cfg, results, ablation, (kind, window))
     with atomic_path(out / "report.md") as tmp:
-        tmp.write_text(report_markdown(cfg, results, ablation, (kind, window)))
+        tmp.write_text(markdown)
     info = {"format": STAGE2_FORMAT, "encoder": str(Path(cfg.encoder).resolve()) if cfg.encoder else None,
             "audio_model": cfg.audio_model, "audio_revision": cfg.audio_revision,
             "detector": None if cfg.boxes else cfg.detector,
@@ -854,7 +828,7 @@ def train_stage2(cfg):
                                       for r in final]},
             "config": asdict(cfg)}
     save_json(out / "stage2.json", info)
-    tqdm.write(report_markdown(cfg, results, ablation, (kind, window)))
+    tqdm.write(markdown)
     return info
 
 
