@@ -438,11 +438,13 @@ class Stage2Config:
 
 
 def check_stage2_config(cfg):
-    modes = split_list(cfg.modes)
-    for mode in modes + [cfg.mode]:
+    """(the modes to train, the (kind, window) smoothing candidates); ("none", 1) always competes."""
+    modes = list(dict.fromkeys(split_list(cfg.modes) + [cfg.mode]))
+    for mode in modes:
         if mode not in FUSION_MODES:
             raise EmoError(f"--modes / --mode: {mode!r} is not one of {', '.join(FUSION_MODES)}")
-    for kind in split_list(cfg.smoothing_kinds):
+    kinds = split_list(cfg.smoothing_kinds)
+    for kind in kinds:
         if kind not in SMOOTHING_KINDS:
             raise EmoError(f"--smoothing-kinds: {kind!r} is not one of {', '.join(SMOOTHING_KINDS)}")
     try:
@@ -460,9 +462,8 @@ def check_stage2_config(cfg):
         raise EmoError(f"--epochs and --batch-size must be positive, got {cfg.epochs} and {cfg.batch_size}")
     if cfg.class_weights not in ("inverse", "none"):
         raise EmoError(f"--class-weights must be inverse or none, got {cfg.class_weights!r}")
-    kinds = [kind for kind in split_list(cfg.smoothing_kinds) if kind != "none"]
-    candidates = [("none", 1)] + [(kind, window) for kind in kinds for window in windows if window > 1]
-    return list(dict.fromkeys(modes + [cfg.mode])), candidates  # ("none", 1) always competes
+    smoothed = [(kind, window) for kind in kinds if kind != "none" for window in windows if window > 1]
+    return modes, [("none", 1)] + smoothed
 
 
 def split_list(text):
@@ -493,14 +494,13 @@ def read_annotations(path):
     return splits
 
 
-def stage2_features(cfg):
-    """{annotation id: feature file} for every annotated id.
+def stage2_features(cfg, ids):
+    """{annotation id: feature file} for each of `ids`.
 
     With --videos (or --cropped-aligned) the features are extracted first, or brought up to date
     (data.extract_features: a file is skipped while its inputs are unchanged), sharded across the
     processes under torchrun; without, the files must already be in --features.
     """
-    ids = [i for split in read_annotations(cfg.annotations).values() for i in split]
     cfg.features = cfg.features or str(Path(cfg.out) / "features")
     if cfg.videos or cfg.cropped_aligned:
         extract_stage2_features(cfg, ids)
@@ -520,9 +520,7 @@ def extract_stage2_features(cfg, ids):
         raise EmoError("--encoder is needed to extract features: pass the Stage I run (e.g. runs/stage1/best)")
     videos = data.find_videos(cfg.videos) if cfg.videos else None
     _, world, device = torchrun_process()
-    detector = None
-    if not cfg.cropped_aligned and not cfg.boxes:
-        detector = RetinaFace.from_pretrained(cfg.detector).to(device)
+    detector = None if cfg.cropped_aligned or cfg.boxes else RetinaFace.from_pretrained(cfg.detector).to(device)
     # faces are encoded at the size the encoder was trained at (the recipe's 224, resized from 256)
     size = int(stage1_config(cfg.encoder).get("image_size", 224))
     feature_cfg = data.FeatureConfig(stride=cfg.stride, crop_size=size, crop_resize=round(size * 256 / 224))
@@ -668,8 +666,8 @@ def fit_fusion(rows, train_index, kwargs, cfg, device, seed, stop_after=None, on
     # batches are gathered from the shared tensors, with no copy of the split
     on_device = device.type == "cuda"
     if on_device:
-        visual, audio = (torch.cat([x[train_index[s:s + 65536]].to(device) for s in range(0, len(train_index), 65536)])
-                         for x in (rows.visual, rows.audio))
+        chunks = train_index.split(65536)
+        visual, audio = (torch.cat([x[chunk].to(device) for chunk in chunks]) for x in (rows.visual, rows.audio))
         model.set_normalization(visual, audio)
     else:
         visual, audio = rows.visual, rows.audio
@@ -772,10 +770,10 @@ def train_stage2(cfg):
     modes, candidates = check_stage2_config(cfg)
     device = resolve_device(cfg.device)
     splits = read_annotations(cfg.annotations)
-    paths = stage2_features(cfg)
+    pooled = {**splits["Train_Set"], **splits["Validation_Set"]}
+    paths = stage2_features(cfg, list(pooled))
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun the features are extracted by all ranks, fit on one
         return None
-    pooled = {**splits["Train_Set"], **splits["Validation_Set"]}
     runs, folds = protocol(cfg, splits)
     rows = load_rows(paths, pooled)
     if not cfg.encoder:
