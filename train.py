@@ -17,9 +17,11 @@ report.md / report.json; each fold's epoch and smoothing are chosen on its train
 """
 import argparse
 import contextlib
+import inspect
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -86,8 +88,8 @@ class Stage1Config:
     val: str = ""                  # "cropped_aligned,annotation_dir" (Aff-Wild2) or "layout:folder"
     val_frames_per_video: int = 50
     backbone: str = "facebook/dinov2-large"
-    revision: str = None
-    head: str = "moe"              # or "linear"
+    revision: str = None           # of --backbone on the hub; default the newest
+    head: str = "moe"              # moe or linear
     out: str = "runs/stage1"
     epochs: int = 12
     batch_size: int = 64           # across all processes and accumulation steps
@@ -111,7 +113,7 @@ class Stage1Config:
     erasing: float = 0.25
     workers: int = 8
     seed: int = 0
-    compile: bool = False
+    compile: bool = False          # torch.compile the model
     save_every: int = 500          # steps between mid-epoch checkpoints
     log_every: int = 20
 
@@ -141,26 +143,24 @@ class EpochSampler(torch.utils.data.Sampler):
     def __init__(self, size, seed, epoch, rank=0, world=1, start=0):
         self.size, self.seed, self.epoch, self.rank, self.world, self.start = size, seed, epoch, rank, world, start
 
-    def order(self):
+    def __iter__(self):
         permutation = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         usable = self.size - self.size % self.world
-        return permutation[:usable][self.rank::self.world][self.start:].tolist()
-
-    def __iter__(self):
-        return ((self.epoch, index) for index in self.order())
+        share = permutation[:usable][self.rank::self.world][self.start:].tolist()
+        return ((self.epoch, index) for index in share)
 
     def __len__(self):
         return max(0, self.size // self.world - self.start)
 
 
 def load_sets(cfg):
+    transform = train_transform(cfg.image_size, cfg.crop_scale, cfg.jitter, cfg.grayscale, cfg.blur, cfg.padaug,
+                                cfg.erasing)
     train_sets = []
     for spec in cfg.data:
         layout, _, folder = spec.partition(":")
         if not folder:
             raise EmoError(f"--data {spec!r}: expected LAYOUT:FOLDER, e.g. affectnet:/data/AffectNet/train_set")
-        transform = train_transform(cfg.image_size, cfg.crop_scale, cfg.jitter, cfg.grayscale, cfg.blur, cfg.padaug,
-                                    cfg.erasing)
         train_sets.append(ImageFolderDataset(folder, layout, transform))
     if not train_sets:
         raise EmoError("no training data: pass --data LAYOUT:FOLDER (plain, affectnet or rafdb) at least once")
@@ -217,7 +217,7 @@ def set_learning_rates(optimizer, step, total_steps, min_lr):
 def inverse_frequency_weights(labels):
     """Per-class loss weights 1 / count, normalised to mean 1 over the classes present (0 for absent ones)."""
     counts = torch.bincount(labels, minlength=len(CLASSES)).float()
-    inverse = torch.where(counts > 0, 1 / counts.clamp(min=1), torch.zeros_like(counts))
+    inverse = torch.where(counts > 0, 1 / counts, 0.0)
     return inverse / inverse[counts > 0].mean()
 
 
@@ -332,6 +332,7 @@ def train_stage1(cfg, resume=False):
     amp = device.type == "cuda"  # bf16 on GPU; on CPU bf16 matmuls are far slower than fp32
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
     if cfg.batch_size % (world * cfg.accumulate):
         raise EmoError(f"--batch-size {cfg.batch_size} must be a multiple of processes x --accumulate "
                        f"({world * cfg.accumulate})")
@@ -376,9 +377,8 @@ def train_stage1(cfg, resume=False):
             step += 1
             if rank == 0 and step % cfg.log_every == 0:
                 images_per_second = cfg.batch_size / (time.perf_counter() - started)
-                log.write(json.dumps({"step": step, "epoch": epoch, "loss": loss.item(),
-                                      "grad_norm": float(grad_norm), "images_per_second": images_per_second}) + "\n")
-                log.flush()
+                print(json.dumps({"step": step, "epoch": epoch, "loss": loss.item(), "grad_norm": float(grad_norm),
+                                  "images_per_second": images_per_second}), file=log, flush=True)
                 bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{images_per_second:.0f}")
             if rank == 0 and step % cfg.save_every == 0 and step % steps_per_epoch:
                 save_run_state(out / "last", model, optimizer, {**position, "epoch": epoch, "step": step}, cfg)
@@ -386,8 +386,7 @@ def train_stage1(cfg, resume=False):
         if rank == 0:
             position = {**position, "epoch": epoch + 1, "step": step}
             if metrics:
-                log.write(json.dumps({"step": step, "epoch": epoch + 1, "val": metrics}) + "\n")
-                log.flush()
+                print(json.dumps({"step": step, "epoch": epoch + 1, "val": metrics}), file=log, flush=True)
                 tqdm.write(f"epoch {epoch + 1}: validation Macro-F1 {metrics['macro_f1']:.4f}")
                 if metrics["macro_f1"] > position["best_macro_f1"]:
                     position["best_macro_f1"] = metrics["macro_f1"]
@@ -439,11 +438,13 @@ class Stage2Config:
 
 
 def check_stage2_config(cfg):
-    modes = split_list(cfg.modes)
-    for mode in modes + [cfg.mode]:
+    """(the modes to train, the (kind, window) smoothing candidates); ("none", 1) always competes."""
+    modes = list(dict.fromkeys(split_list(cfg.modes) + [cfg.mode]))
+    for mode in modes:
         if mode not in FUSION_MODES:
             raise EmoError(f"--modes / --mode: {mode!r} is not one of {', '.join(FUSION_MODES)}")
-    for kind in split_list(cfg.smoothing_kinds):
+    kinds = split_list(cfg.smoothing_kinds)
+    for kind in kinds:
         if kind not in SMOOTHING_KINDS:
             raise EmoError(f"--smoothing-kinds: {kind!r} is not one of {', '.join(SMOOTHING_KINDS)}")
     try:
@@ -461,17 +462,12 @@ def check_stage2_config(cfg):
         raise EmoError(f"--epochs and --batch-size must be positive, got {cfg.epochs} and {cfg.batch_size}")
     if cfg.class_weights not in ("inverse", "none"):
         raise EmoError(f"--class-weights must be inverse or none, got {cfg.class_weights!r}")
-    return list(dict.fromkeys(modes + [cfg.mode])), smoothing_candidates(cfg)
+    smoothed = [(kind, window) for kind in kinds if kind != "none" for window in windows if window > 1]
+    return modes, [("none", 1)] + smoothed
 
 
 def split_list(text):
     return [item.strip() for item in str(text).split(",") if item.strip()]
-
-
-def smoothing_candidates(cfg):
-    """(kind, window) pairs to choose from; ("none", 1) always competes."""
-    kinds = [k for k in split_list(cfg.smoothing_kinds) if k != "none"]
-    return [("none", 1)] + [(kind, int(w)) for kind in kinds for w in split_list(cfg.smoothing_windows) if int(w) > 1]
 
 
 # ------------------------------------------------------------------------------ Stage II data
@@ -492,36 +488,30 @@ def read_annotations(path):
     root = annotation_root(path)
     splits = {}
     for split in ("Train_Set", "Validation_Set"):
-        files = sorted((root / split).glob("*.txt")) if (root / split).is_dir() else []
-        splits[split] = {f.stem: read_annotation(f) for f in files}
+        splits[split] = {f.stem: read_annotation(f) for f in sorted((root / split).glob("*.txt"))}
     if not any(splits.values()):
         raise EmoError(f"no annotations in {root}: expected Train_Set/<id>.txt and Validation_Set/<id>.txt")
     return splits
 
 
-def feature_file(features_dir, annotation_id):
-    return Path(features_dir) / f"{annotation_id}.features.safetensors"
-
-
-def stage2_features(cfg):
-    """{annotation id: feature file} for every annotated id.
+def stage2_features(cfg, ids):
+    """{annotation id: feature file} for each of `ids`.
 
     With --videos (or --cropped-aligned) the features are extracted first, or brought up to date
     (data.extract_features: a file is skipped while its inputs are unchanged), sharded across the
     processes under torchrun; without, the files must already be in --features.
     """
-    ids = [i for split in read_annotations(cfg.annotations).values() for i in split]
     cfg.features = cfg.features or str(Path(cfg.out) / "features")
     if cfg.videos or cfg.cropped_aligned:
         extract_stage2_features(cfg, ids)
-    if not cfg.features or not Path(cfg.features).is_dir():
+    if not Path(cfg.features).is_dir():
         raise EmoError(f"--features {cfg.features!r} is not a folder; extract the per-frame features first "
                        "(one <id>.features.safetensors per annotation id)")
-    paths = {i: feature_file(cfg.features, i) for i in ids}
+    paths = {i: data.features_path(cfg.features, i) for i in ids}
     missing = [i for i, path in paths.items() if not path.is_file()]
     if missing:
         raise EmoError(f"{len(missing)} of {len(ids)} feature files are missing in {cfg.features} "
-                       f"(e.g. {feature_file(cfg.features, missing[0]).name}); extract the features first")
+                       f"(e.g. {paths[missing[0]].name}); extract the features first")
     return paths
 
 
@@ -529,19 +519,15 @@ def extract_stage2_features(cfg, ids):
     if not cfg.encoder:
         raise EmoError("--encoder is needed to extract features: pass the Stage I run (e.g. runs/stage1/best)")
     videos = data.find_videos(cfg.videos) if cfg.videos else None
-    if videos is None and not cfg.cropped_aligned:
-        raise EmoError("pass --videos (raw videos) or --cropped-aligned to extract features")
     _, world, device = torchrun_process()
-    detector = None
-    if not cfg.cropped_aligned and not cfg.boxes:
-        detector = RetinaFace.from_pretrained(cfg.detector).to(device)
+    detector = None if cfg.cropped_aligned or cfg.boxes else RetinaFace.from_pretrained(cfg.detector).to(device)
     # faces are encoded at the size the encoder was trained at (the recipe's 224, resized from 256)
     size = int(stage1_config(cfg.encoder).get("image_size", 224))
     feature_cfg = data.FeatureConfig(stride=cfg.stride, crop_size=size, crop_resize=round(size * 256 / 224))
     annotation_dirs = [annotation_root(cfg.annotations) / split for split in ("Train_Set", "Validation_Set")]
     for annotation_dir in annotation_dirs:  # the aligned-crop variant reads the frame count from the annotation
         split_ids = [i for i in ids if (annotation_dir / f"{i}.txt").is_file()]
-        data.extract_features(split_ids, videos if videos is not None else None, cfg.features, cfg.encoder,
+        data.extract_features(split_ids, videos, cfg.features, cfg.encoder,
                               cfg.audio_model if cfg.audio_model != "none" else None, detector,
                               feature_cfg, audio_revision=cfg.audio_revision,
                               cropped_aligned=cfg.cropped_aligned or None, annotation_dir=annotation_dir,
@@ -680,8 +666,8 @@ def fit_fusion(rows, train_index, kwargs, cfg, device, seed, stop_after=None, on
     # batches are gathered from the shared tensors, with no copy of the split
     on_device = device.type == "cuda"
     if on_device:
-        visual, audio = (torch.cat([x[train_index[s:s + 65536]].to(device) for s in range(0, len(train_index), 65536)])
-                         for x in (rows.visual, rows.audio))
+        chunks = train_index.split(65536)
+        visual, audio = (torch.cat([x[chunk].to(device) for chunk in chunks]) for x in (rows.visual, rows.audio))
         model.set_normalization(visual, audio)
     else:
         visual, audio = rows.visual, rows.audio
@@ -689,13 +675,10 @@ def fit_fusion(rows, train_index, kwargs, cfg, device, seed, stop_after=None, on
     model.to(device)
     labels = rows.labels[train_index].to(device)
     weights = inverse_frequency_weights(labels) if cfg.class_weights == "inverse" else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=device.type == "cuda")
-    for group in optimizer.param_groups:
-        group["base_lr"] = cfg.lr
+    optimizer = torch.optim.AdamW([{"params": model.parameters(), "base_lr": cfg.lr}], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay, fused=on_device)
     n = len(train_index)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total_steps, step = steps_per_epoch * cfg.epochs, 0
+    total_steps, step = math.ceil(n / cfg.batch_size) * cfg.epochs, 0
     generator = torch.Generator().manual_seed(seed)
     for epoch in range(stop_after or cfg.epochs):
         model.train()
@@ -721,12 +704,7 @@ def fit_fusion(rows, train_index, kwargs, cfg, device, seed, stop_after=None, on
 def video_logits(model, rows, ids, device):
     """{id: logits of all its frames, in frame order}."""
     logits = predict_rows(model, rows, rows.index(ids, valid_only=False), device)
-    out, start = {}, 0
-    for i in ids:
-        n = rows.spans[i][1] - rows.spans[i][0]
-        out[i] = logits[start:start + n]
-        start += n
-    return out
+    return dict(zip(ids, logits.split([rows.spans[i][1] - rows.spans[i][0] for i in ids])))
 
 
 def scores(rows, per_id, candidates, device=None):
@@ -738,10 +716,6 @@ def scores(rows, per_id, candidates, device=None):
         predictions = torch.cat([smooth_logits(logits, kind, window).argmax(-1) for logits in per_id.values()])
         result[(kind, window)] = macro_f1(labels, predictions.cpu())
     return result
-
-
-def evaluate_ids(model, rows, ids, device, candidates):
-    return scores(rows, video_logits(model, rows, ids, device), candidates, device)
 
 
 def select_and_train(rows, train_ids, mode, cfg, device, candidates, seed):
@@ -796,10 +770,10 @@ def train_stage2(cfg):
     modes, candidates = check_stage2_config(cfg)
     device = resolve_device(cfg.device)
     splits = read_annotations(cfg.annotations)
-    paths = stage2_features(cfg)
+    pooled = {**splits["Train_Set"], **splits["Validation_Set"]}
+    paths = stage2_features(cfg, list(pooled))
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun the features are extracted by all ranks, fit on one
         return None
-    pooled = {**splits["Train_Set"], **splits["Validation_Set"]}
     runs, folds = protocol(cfg, splits)
     rows = load_rows(paths, pooled)
     if not cfg.encoder:
@@ -816,7 +790,7 @@ def train_stage2(cfg):
             started = time.perf_counter()
             model, selection = select_and_train(rows, train_ids, mode, cfg, device, candidates, cfg.seed + 1000 * k)
             chosen = (selection["smoothing"]["kind"], selection["smoothing"]["window"])
-            reported = evaluate_ids(model, rows, report_ids, device, [("none", 1), chosen])
+            reported = scores(rows, video_logits(model, rows, report_ids, device), [("none", 1), chosen], device)
             results[mode].append({"name": name, "train_ids": len(train_ids), "report_ids": report_ids,
                                   "raw": round(reported[("none", 1)], 5), "smoothed": round(reported[chosen], 5),
                                   "selection": selection})
@@ -838,8 +812,9 @@ def train_stage2(cfg):
               "folds": [r["name"] for r in final], "ablation": ablation, "runs": results,
               "fold_of_id": folds, "config": asdict(cfg)}
     save_json(out / "report.json", report)
+    markdown = report_markdown(cfg, results, ablation, (kind, window))
     with atomic_path(out / "report.md") as tmp:
-        tmp.write_text(report_markdown(cfg, results, ablation, (kind, window)))
+        tmp.write_text(markdown)
     info = {"format": STAGE2_FORMAT, "encoder": str(Path(cfg.encoder).resolve()) if cfg.encoder else None,
             "audio_model": cfg.audio_model, "audio_revision": cfg.audio_revision,
             "detector": None if cfg.boxes else cfg.detector,
@@ -851,7 +826,7 @@ def train_stage2(cfg):
                                       for r in final]},
             "config": asdict(cfg)}
     save_json(out / "stage2.json", info)
-    tqdm.write(report_markdown(cfg, results, ablation, (kind, window)))
+    tqdm.write(markdown)
     return info
 
 
@@ -872,6 +847,27 @@ def report_markdown(cfg, results, ablation, smoothing):
 
 # ---------------------------------------------------------------------------------- command line
 
+def field_comments(config_class):
+    """{field: its trailing comment} from the dataclass's source: the comments are the --help texts."""
+    return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(config_class), re.MULTILINE))
+
+
+def add_config_arguments(parser, config_class):
+    """One flag per field of the config dataclass, with the field's default and its comment as the help."""
+    comments = field_comments(config_class)
+    for name, default in asdict(config_class()).items():
+        flag = "--" + name.replace("_", "-")
+        comment = comments.get(name, "").replace("%", "%%")  # argparse formats help with %
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", help=f"{comment} (default off)".lstrip())
+        elif isinstance(default, list):
+            parser.add_argument(flag, action="append", default=[], help=f"{comment} (repeatable)".lstrip())
+        else:
+            shown = " (default %(default)s)" if default not in ("", None) else ""
+            parser.add_argument(flag, type=type(default) if default is not None else str, default=default,
+                                help=(comment + shown).lstrip())
+
+
 def main(argv=None):
     stage = argparse.ArgumentParser(add_help=False)
     stage.add_argument("--stage", type=int)
@@ -884,24 +880,13 @@ def main(argv=None):
                         "(`--stage 2 --help` lists its flags)")
     if config_class is Stage1Config:
         parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    for name, value in asdict(config_class()).items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            parser.add_argument(flag, action="store_true", help="(default off)")
-        elif isinstance(value, list):
-            parser.add_argument(flag, action="append", default=[], help="repeatable")
-        else:
-            parser.add_argument(flag, type=type(value) if value is not None else str, default=value,
-                                help="(default %(default)s)")
+    add_config_arguments(parser, config_class)
     args = vars(parser.parse_args(argv))
-    args.pop("stage")
-    if config_class is Stage2Config:
+    if args.pop("stage") == 2:
         train_stage2(Stage2Config(**args))
-        return
-    resume = args.pop("resume")
-    cfg = Stage1Config(**args)
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    train_stage1(cfg, resume)
+    else:
+        resume = args.pop("resume")
+        train_stage1(Stage1Config(**args), resume)
 
 
 if __name__ == "__main__":
