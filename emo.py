@@ -640,10 +640,12 @@ def main(argv=None):
                                 "media: decode + detect + crop, batched and frame by frame; features: "
                                 "data.video_features against the model forwards alone; stage2: gated-fusion "
                                 "training frames/s and peak memory on a million feature rows; infer: infer.py end "
-                                "to end against the model forwards alone; memory (not in all): infer.py's peak RSS on a 1-minute, a "
+                                "to end against the model forwards alone; submission: writing and checking a 1,022,656-row ABAW "
+                                "submission; memory (not in all): infer.py's peak RSS on a 1-minute, a "
                                 "10-minute and a 4K video (needs requirements-dev.txt).")
     bench.add_argument("what", nargs="?", default="all",
-                       choices=("backbones", "train", "media", "features", "stage2", "infer", "memory", "all"))
+                       choices=("backbones", "train", "media", "features", "stage2", "infer", "submission", "memory",
+                                "all"))
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs per model (best is kept)")
     bench.add_argument("--compile", action="store_true", help="also time emo under torch.compile")

@@ -3,6 +3,8 @@
     python infer.py video.mp4                     # checkpoint runs/stage2, results in outputs/
     python infer.py videos/ more.avi --ckpt runs/stage2 --out outputs/ --person all --video-out
     python infer.py clip.mp4 --boxes clip.json    # your own detector's face boxes instead of RetinaFace
+    python infer.py test_videos/ --submission ABAW_Expr_test_set_sample.txt --out sub/   # -> sub/submission.txt
+    python infer.py --check-submission sub/submission.txt --submission ABAW_Expr_test_set_sample.txt
 
 Per video: decode, detect and track the face, crop it at several scales, encode the crops with the
 Stage I encoder, compute frame-aligned wav2vec 2.0 audio features, fuse them with the Stage II fold
@@ -24,6 +26,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import re
 import sys
 import time
 from fractions import Fraction
@@ -222,7 +225,9 @@ def _resolve(source, ckpt_dir):
 # ------------------------------------------------------------------------------------ the pipeline
 
 def person_rules(person):
-    """The track rules to run for --person: all = left and right."""
+    """The track rules to run for --person: all = left and right; a tuple of rules is taken as it is."""
+    if isinstance(person, tuple) and person and set(person) <= set(data.PEOPLE):
+        return person
     if person not in PERSONS:
         raise EmoError(f"unknown --person {person!r}: use {', '.join(PERSONS)}")
     return ("left", "right") if person == "all" else (person,)
@@ -250,7 +255,8 @@ def predict_video(video, predictor, person="largest", fail_without_face=False, p
 
     person: largest (one prediction, id `<stem>`), left / right (`<stem>_left` / `<stem>_right`), or
     all: left and right (`<stem>_left`, `<stem>_right`), collapsing to one prediction `<stem>` when the
-    video shows only one face track (or none). A video with no face anywhere gets audio-only
+    video shows only one face track (or none); or a tuple of those rules, one prediction each, never
+    collapsed (the ids an ABAW template names). A video with no face anywhere gets audio-only
     predictions, flagged with audio_only and face=0 (EmoError instead with fail_without_face, or when it
     has no sound either). warn(text) receives the warnings (default: printed to stderr). boxes: the
     faces' own boxes instead of the detector's (a boxes JSON file or {person: (N, 4)}, see data.read_boxes).
@@ -479,6 +485,114 @@ def write_outputs(out, predictions, video_out=False, batch_size=32):
     return written
 
 
+# ------------------------------------------------------------------------------ the ABAW submission
+# The organisers ship a template: the header below, then one row `<id>/<frame>.jpg,<label>` per frame of
+# every test id, pre-filled. The submission is the same rows in the same order, each labelled 0..7.
+
+SUBMISSION_HEADER = "image_location," + ",".join(CLASSES)
+TEMPLATE_ROW = re.compile(r"(([^/\\]+)/(\d+)\.jpg),(-?\d+)")
+LABELS = frozenset(str(label) for label in range(len(CLASSES)))
+
+
+def safe_id(annotation_id, where):
+    """An id that may name output files: no path separator (the row syntax excludes it), no '..', no leading dot."""
+    if annotation_id.startswith(".") or ".." in annotation_id:
+        raise EmoError(f"{where}: id {annotation_id!r} cannot name a file (a leading dot or '..'); rename it")
+    return annotation_id
+
+
+def template_rows(path):
+    """Yield (line number, image location, id, frame, label text) of a template or submission file, after
+    checking its header; one EmoError line for the first row that is not `<id>/<digits>.jpg,<int>`."""
+    try:
+        file = open(path, encoding="utf-8", newline="")
+    except OSError as e:
+        raise EmoError(f"{path} does not exist" if not Path(path).exists() else f"{path}: {first_line(e)}") from None
+    with file:
+        header = file.readline().strip()
+        if header.replace(" ", "") != SUBMISSION_HEADER:
+            raise EmoError(f"{path}: the first line must be {SUBMISSION_HEADER}, not {header[:80]!r}")
+        for number, line in enumerate(file, 2):
+            row = TEMPLATE_ROW.fullmatch(line.rstrip("\r\n"))
+            if row is None:
+                raise EmoError(f"{path} line {number}: expected <id>/<frame>.jpg,<label>, got {line.strip()[:80]!r}")
+            yield number, row[1], row[2], int(row[3]), row[4]
+
+
+def read_template(path):
+    """{id: (rows,) int64 frame numbers, 1-based, in the template's order} of an ABAW template, checked: the
+    header, the row syntax, ids that can name files, frame numbers from 1, no row twice, at least one row."""
+    frames = {}
+    for number, _, annotation_id, frame, _ in template_rows(path):
+        if annotation_id not in frames:
+            frames[safe_id(annotation_id, f"{path} line {number}")] = []
+        frames[annotation_id].append(frame)
+    if not frames:
+        raise EmoError(f"{path} has a header but no rows")
+    template = {annotation_id: np.asarray(numbers) for annotation_id, numbers in frames.items()}
+    for annotation_id, numbers in template.items():
+        unique, counts = np.unique(numbers, return_counts=True)
+        if unique[0] < 1:
+            raise EmoError(f"{path}: {annotation_id} has frame {unique[0]}; frames are numbered from 1")
+        if (counts > 1).any():
+            raise EmoError(f"{path}: the row of {annotation_id} frame {unique[counts > 1][0]} is there "
+                           f"{counts.max()} times; keep one")
+    return template
+
+
+def submission_jobs(template, videos, source):
+    """[(video, (person, ...))]: the videos the template's ids name (`<v>_left` / `<v>_right` share `<v>`),
+    each with the people to predict; one error naming every id without a video."""
+    by_stem = {video.stem: video for video in videos}
+    jobs, missing = {}, []
+    for annotation_id in template:
+        stem, person = data.split_annotation_id(annotation_id)
+        if annotation_id in by_stem:
+            stem, person = annotation_id, "largest"
+        if stem in by_stem:
+            jobs.setdefault(by_stem[stem], []).append(person)
+        else:
+            missing.append(annotation_id)
+    if missing:
+        raise EmoError(f"{source}: {len(missing)} id(s) have no video among the inputs: {', '.join(missing[:8])}"
+                       + (", ..." if len(missing) > 8 else "") + " (expected <id>.mp4, or <video>.mp4 for "
+                       "<video>_left / <video>_right)")
+    return [(video, tuple(people)) for video, people in jobs.items()]
+
+
+def write_submission(path, template_path, labels):
+    """The template's rows, in its order, each with emo's label for its id and frame; a frame past the last
+    decoded one takes the last one's label. labels: {id: (frames,) labels}. Returns the rows filled so."""
+    filled = 0
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        out.write(SUBMISSION_HEADER + "\n")
+        for _, location, annotation_id, frame, _ in template_rows(template_path):
+            predicted = labels[annotation_id]
+            filled += frame > len(predicted)
+            out.write(f"{location},{predicted[min(frame, len(predicted)) - 1]}\n")
+    return filled
+
+
+def check_submission(path, template_path):
+    """The number of rows of a submission that has its template's header and rows, in order, each labelled
+    0..7; one EmoError line at the first problem otherwise."""
+    expected = template_rows(template_path)
+    rows = 0
+    for number, location, _, _, label in template_rows(path):
+        wanted = next(expected, None)
+        if wanted is None:
+            raise EmoError(f"{path} line {number}: {location} is past the template's last row ({rows} rows)")
+        if location != wanted[1]:
+            raise EmoError(f"{path} line {number}: {location} where the template has {wanted[1]}")
+        if label not in LABELS:
+            raise EmoError(f"{path} line {number}: label {label} is not one of 0..{len(CLASSES) - 1}")
+        rows += 1
+    left = next(expected, None)
+    if left is not None:
+        raise EmoError(f"{path} ends after {rows} rows; the template goes on (line {left[0]}: {left[1]})")
+    return rows
+
+
 # ------------------------------------------------------------------------------------ command line
 
 def find_inputs(paths):
@@ -518,7 +632,7 @@ def parser():
     description, epilog = __doc__.split("\n\n", 1)
     p = argparse.ArgumentParser(prog="infer.py", description=description, epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", metavar="VIDEO", help="video files, or folders searched recursively for them")
+    p.add_argument("inputs", nargs="*", metavar="VIDEO", help="video files, or folders searched recursively for them")
     p.add_argument("--ckpt", default="runs/stage2", metavar="DIR",
                    help="Stage II checkpoint: the --out of train.py --stage 2 (default %(default)s)")
     p.add_argument("--out", default="outputs", metavar="DIR",
@@ -544,6 +658,12 @@ def parser():
                    help="your own detector's face boxes instead of RetinaFace: a JSON file (one video) or a folder "
                         "of <video stem>.json, each {\"boxes\": {person: [[x1, y1, x2, y2] or null, ...]}} with one "
                         "entry per frame, person largest, left or right (or <stem>, <stem>_left, <stem>_right)")
+    p.add_argument("--submission", metavar="TEMPLATE",
+                   help="ABAW template (image_location,Neutral,...,Other then <id>/<frame>.jpg,<label> rows): predict "
+                        "every id it names (<v>_left / <v>_right: that person of <v>.mp4, else the largest face) and "
+                        "write OUT/submission.txt, its rows in its order, each labelled")
+    p.add_argument("--check-submission", metavar="FILE",
+                   help="check FILE against --submission TEMPLATE (header, rows in order, labels 0..7) and exit")
     return p
 
 
@@ -567,33 +687,49 @@ def boxes_for_video(boxes, video, videos):
 
 def main(argv=None):
     args = parser().parse_args(argv)
+    if args.check_submission:
+        if not args.submission:
+            raise EmoError("--check-submission FILE needs --submission TEMPLATE, the template it answers")
+        rows = check_submission(args.check_submission, args.submission)
+        print(f"{args.check_submission}: {rows} rows, those of {args.submission} in its order, each labelled 0..7")
+        return
+    if not args.inputs:
+        raise EmoError("give the videos: files, or folders searched recursively for them")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise EmoError(f"--out {out} exists and is not a folder")
     videos = find_inputs(args.inputs)
-    for video in videos:  # every input checked before any work: missing, unreadable, no video stream
+    template = read_template(args.submission) if args.submission else None
+    jobs = submission_jobs(template, videos, args.submission) if template else [(v, args.person) for v in videos]
+    for video, _ in jobs:  # every input checked before any work: missing, unreadable, no video stream
         data.probe(video)
         boxes_for_video(args.boxes, video, videos)
     detector = "none" if args.boxes and not args.detector else args.detector
     predictor = Predictor.load(args.ckpt, args.device, detector, args.stride, args.batch_size, args.detect_every)
     created = not out.exists()
+    labels, frames = {}, 0
     try:
-        frames = 0
-        for number, video in enumerate(videos, 1):
+        for number, (video, person) in enumerate(jobs, 1):
             start = time.perf_counter()
-            predictions = predict_video(video, predictor, args.person, args.fail_without_face, progress=True,
+            predictions = predict_video(video, predictor, person, args.fail_without_face, progress=True,
                                         boxes=boxes_for_video(args.boxes, video, videos))
             written = write_outputs(out, predictions, args.video_out, args.batch_size or 32)
+            labels.update((p.id, p.labels) for p in predictions)
             seconds = time.perf_counter() - start
             n = len(predictions[0])
             frames += n
-            tqdm.write(f"[{number}/{len(videos)}] {video}: {n} frames in {seconds:.1f} s "
+            tqdm.write(f"[{number}/{len(jobs)}] {video}: {n} frames in {seconds:.1f} s "
                        f"({n / max(seconds, 1e-9):.1f} frames/s) -> " + ", ".join(p.name for p in written),
                        file=sys.stderr)
     finally:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # an error before the first video's outputs: leave no trace
-    tqdm.write(f"done: {len(videos)} video(s), {frames} frames, outputs in {out}", file=sys.stderr)
+    if template:
+        filled = write_submission(out / "submission.txt", args.submission, labels)
+        rows = sum(len(numbers) for numbers in template.values())
+        tqdm.write(f"submission: {out / 'submission.txt'}, {rows} rows over {len(template)} ids; {filled} rows past "
+                   "the last decoded frame of their video took that frame's label", file=sys.stderr)
+    tqdm.write(f"done: {len(jobs)} video(s), {frames} frames, outputs in {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

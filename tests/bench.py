@@ -145,8 +145,35 @@ def run(what="all", device="cpu", repeats=3, compile=False, small=False):
         run_stage2(torch.device(device), small)
     if what in ("infer", "all"):
         run_infer(torch.device(device), repeats, small)
+    if what in ("submission", "all"):
+        run_submission(repeats, small)
     if what == "memory":  # minutes of CPU time: not part of "all"
         run_memory(small)
+
+
+def run_submission(repeats=3, small=False, ids=228, rows=1_022_656):
+    """The ABAW submission at the last edition's size (1,022,656 rows over 228 ids, two-person ids included)
+    from predictions in memory: infer.read_template, write_submission and check_submission, each timed."""
+    import infer
+    if small:
+        ids, rows = 12, 20_000
+    rng = np.random.default_rng(0)
+    lengths = rng.multinomial(rows - ids, np.full(ids, 1 / ids)) + 1
+    names = [f"{k}-{30 + k}-1920x1080" + ("_left" if k % 10 == 1 else "_right" if k % 10 == 2 else "")
+             for k in range(ids)]
+    labels = {name: rng.integers(0, 8, length) for name, length in zip(names, lengths)}
+    with tempfile.TemporaryDirectory() as tmp:
+        template, submission = Path(tmp) / "template.txt", Path(tmp) / "submission.txt"
+        with open(template, "w") as f:
+            f.write(infer.SUBMISSION_HEADER + "\n")
+            for name, length in zip(names, lengths):
+                f.writelines(f"{name}/{frame:05d}.jpg,0\n" for frame in range(1, length + 1))
+        times = best_times([lambda: infer.read_template(template),
+                            lambda: infer.write_submission(submission, template, labels),
+                            lambda: infer.check_submission(submission, template)], torch.device("cpu"), repeats)
+    print(f"submission ({rows} rows, {ids} ids; cpu): read and check the template {times[0]:.2f} s, "
+          f"write the submission {times[1]:.2f} s, check it against the template {times[2]:.2f} s (target: 10 s each)")
+    return dict(zip(("read", "write", "check"), times))
 
 
 def run_backbones(device, repeats, compile, small):

@@ -587,3 +587,75 @@ def test_fail_without_face_writes_nothing(checkpoint, videos, tmp_path, capsys):
                            "--device", "cpu"], capsys)
     assert status == 2 and "no face found" in one_error_line(err.split("\n")[-2] + "\n")
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------ the ABAW submission
+
+def write_template(path, rows, header=infer.SUBMISSION_HEADER):
+    path.write_text(header + "\n" + "".join(f"{annotation_id}/{frame:05d}.jpg,0\n" for annotation_id, frame in rows))
+    return path
+
+
+def test_templates_are_checked_before_any_work(tmp_path, capsys, videos, checkpoint):
+    good = [("sound", 1), ("sound", 2)]
+    cases = [
+        (write_template(tmp_path / "header.txt", good, header="image,Neutral"), "the first line must be"),
+        (tmp_path / "nowhere.txt", "does not exist"),
+        (write_template(tmp_path / "twice.txt", good + [("sound", 1)]), "sound frame 1 is there 2 times"),
+        (write_template(tmp_path / "zero.txt", [("sound", 0)]), "numbered from 1"),
+        (write_template(tmp_path / "dots.txt", [("..", 1)]), "cannot name a file"),
+        (write_template(tmp_path / "hidden.txt", [(".sound", 1)]), "cannot name a file"),
+        (write_template(tmp_path / "missing.txt", good + [("gone_left", 1), ("other", 3)]),
+         r"2 id\(s\) have no video among the inputs: gone_left, other"),
+        (write_template(tmp_path / "empty.txt", []), "no rows"),
+    ]
+    syntax = tmp_path / "syntax.txt"
+    syntax.write_text(infer.SUBMISSION_HEADER + "\nsound/00001.jpg,0\nsound/x.png,0\n")
+    cases.append((syntax, "line 3: expected <id>/<frame>.jpg,<label>"))
+    for template, message in cases:
+        out = tmp_path / "out"
+        status, err = run_cli([videos["sound"].parent, "--submission", template, "--ckpt", checkpoint, "--out", out],
+                              capsys)
+        assert status == 2 and re.search(message, one_error_line(err)), (template, err)
+        assert not out.exists()
+
+
+def test_submission_from_a_template_and_its_check(tmp_path, capsys, videos, checkpoint):
+    # The organisers' way: every frame 1..N of each id, two-person ids sharing <video>.mp4, here in an order
+    # of their own, and a few rows past the end of one video.
+    n = sum(len(f) for f, _ in data.iter_frames(videos["sound"]))
+    rows = ([("pair_right", f) for f in range(1, n + 1)] + [("sound", f) for f in range(1, n + 4)]
+            + [("pair_left", f) for f in range(1, n + 1)])
+    template = write_template(tmp_path / "template.txt", rows)
+    out = tmp_path / "out"
+    status, err = run_cli([videos["sound"].parent, "--submission", template, "--ckpt", checkpoint, "--out", out],
+                          capsys)
+    assert status == 0, err
+    assert "3 rows past the last decoded frame" in err
+    lines = (out / "submission.txt").read_text().splitlines()
+    assert lines[0] == infer.SUBMISSION_HEADER and len(lines) == len(rows) + 1
+    assert [line.rsplit(",", 1)[0] for line in lines[1:]] == [f"{i}/{f:05d}.jpg" for i, f in rows]
+    for annotation_id in ("pair_left", "pair_right", "sound"):  # the labels of each id's own ABAW file
+        own = [int(line.rsplit(",", 1)[1]) for line in (out / f"{annotation_id}.abaw.txt").read_text().splitlines()[1:]]
+        submitted = [int(line.rsplit(",", 1)[1]) for line in lines[1:] if line.startswith(f"{annotation_id}/")]
+        assert submitted[:len(own)] == own and len(own) == n
+        assert submitted[len(own):] == [own[-1]] * (len(submitted) - len(own))
+    assert sorted(p.name for p in out.glob("*.abaw.txt")) == ["pair_left.abaw.txt", "pair_right.abaw.txt",
+                                                              "sound.abaw.txt"]  # only the template's ids
+
+    status, err = run_cli(["--check-submission", out / "submission.txt", "--submission", template], capsys)
+    assert status == 0, err
+    body = lines[1:]
+    broken = {
+        "label.txt": (body[:5] + [body[5].rsplit(",", 1)[0] + ",8"] + body[6:], "line 7: label 8 is not one of 0..7"),
+        "short.txt": (body[:-1], f"ends after {len(body) - 1} rows"),
+        "long.txt": (body + ["sound/09999.jpg,0"], "past the template's last row"),
+        "order.txt": ([body[1], body[0]] + body[2:], "line 2: pair_right/00002.jpg where the template has "
+                                                     "pair_right/00001.jpg"),
+    }
+    for name, (content, message) in broken.items():
+        (tmp_path / name).write_text("\n".join([lines[0], *content]) + "\n")
+        status, err = run_cli(["--check-submission", tmp_path / name, "--submission", template], capsys)
+        assert status == 2 and message in one_error_line(err), (name, err)
+    status, err = run_cli(["--check-submission", out / "submission.txt"], capsys)
+    assert status == 2 and "needs --submission" in one_error_line(err)
