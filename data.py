@@ -1260,6 +1260,44 @@ def read_annotation(path):
     return torch.tensor(values, dtype=torch.long)
 
 
+# The challenge's metric, on ABAW labels (-1 frames left out).
+
+def confusion_matrix(y_true, y_pred, num_classes=len(CLASSES)):
+    """Counts[true, predicted] over the frames whose true label is not -1."""
+    y_true = np.asarray(y_true).reshape(-1).astype(np.int64)
+    y_pred = np.asarray(y_pred).reshape(-1).astype(np.int64)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"{y_true.size} labels but {y_pred.size} predictions")
+    keep = y_true != IGNORE_LABEL
+    y_true, y_pred = y_true[keep], y_pred[keep]
+    for name, values in (("label", y_true), ("prediction", y_pred)):
+        if values.size and (values.min() < 0 or values.max() >= num_classes):
+            raise ValueError(f"{name}s must lie in 0..{num_classes - 1} (or be -1 for labels)")
+    counts = np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes)
+
+
+def f1_per_class(counts):
+    """F1 of each class from a confusion matrix; 0 for a class that is neither true nor predicted."""
+    counts = np.asarray(counts)
+    true_positives = np.diag(counts).astype(np.float64)
+    true_or_predicted = counts.sum(0) + counts.sum(1)
+    return np.divide(2 * true_positives, true_or_predicted,
+                     out=np.zeros_like(true_positives), where=true_or_predicted > 0)
+
+
+def macro_f1(y_true, y_pred, num_classes=len(CLASSES)):
+    """Unweighted mean F1 over the classes that occur in the labels or the predictions.
+
+    This is scikit-learn's f1_score(average="macro") after dropping the -1 frames. On the ABAW
+    validation set every class occurs, so it is the challenge metric; on a small split a class
+    that is absent on both sides is left out instead of counting as F1 = 0.
+    """
+    counts = confusion_matrix(y_true, y_pred, num_classes)
+    occurs = (counts.sum(0) + counts.sum(1)) > 0
+    return float(f1_per_class(counts)[occurs].mean()) if occurs.any() else 0.0
+
+
 class AffWild2Frames(ImageDataset):
     """Aff-Wild2 aligned face crops with their EXPR labels: the frames of each annotation id that
     have a crop (cropped_aligned/<id>/<5-digit 1-based>.jpg) and a label other than -1.

@@ -25,10 +25,9 @@ from tqdm import tqdm
 import data
 import infer
 import train
-from data import write_annotation, write_video
+from data import macro_f1, write_annotation, write_video
 from models import (CLASSES, IGNORE_LABEL, EmoError, ViT, ViTConfig, Wav2Vec2, Wav2Vec2Config, atomic_path, init_random,
                     run, save_hf_checkpoint, save_json)
-from train import macro_f1
 
 # ------------------------------------------------------------------------------------ the demo
 # The whole workflow on a synthetic dataset, offline: synthesize, tiny random backbones written in
@@ -131,6 +130,29 @@ def run_infer(out, video, boxes):
     return torch.tensor([names.index(r.split(",")[label]) for r in rows[1:]])
 
 
+def run_challenge(out, heldout):
+    """The held-out set (never trained on) as the challenge's test set: a template made as the organisers make
+    theirs (every frame 1..N of every id, pre-filled), infer.py's submission for it with every id scored against
+    its annotation, and the check of the submission."""
+    files = sorted((heldout / "annotations" / "EXPR_Recognition_Challenge").glob("*/*.txt"))
+    rows = [f"{file.stem}/{frame:05d}.jpg,0" for file in files for frame in range(1, len(data.read_annotation(file)) + 1)]
+    annotations = out / "challenge" / "annotations"
+    annotations.mkdir(parents=True, exist_ok=True)
+    for file in files:
+        shutil.copyfile(file, annotations / file.name)
+    template = out / "challenge" / "test_set_template.txt"
+    template.write_text(infer.SUBMISSION_HEADER + "\n" + "\n".join(rows) + "\n")
+    argv = [str(heldout / "videos"), "--ckpt", str(out / "stage2"), "--out", str(out / "challenge"), "--boxes",
+            str(heldout / "boxes"), "--device", "cpu", "--submission", str(template),
+            "--annotations", str(annotations)]
+    say(f"$ {command('infer.py', argv)}")
+    infer.main(argv)
+    check = ["--check-submission", str(out / "challenge" / "submission.txt"), "--submission", str(template)]
+    say(f"$ {command('infer.py', check)}")
+    infer.main(check)
+    return json.loads((out / "challenge" / "scores.json").read_text()), len(rows)
+
+
 MODES = ("visual", "audio", "fused")
 
 
@@ -170,7 +192,7 @@ def run_demo(cfg):
 
     def step(name, text):
         timings[name] = time.perf_counter()
-        say(f"\n== {len(timings)}/5 {text}")
+        say(f"\n== {len(timings)}/6 {text}")
 
     def done(name):
         timings[name] = round(time.perf_counter() - timings[name], 1)
@@ -200,11 +222,17 @@ def run_demo(cfg):
     predicted = run_infer(out, video, boxes)
     heldout_f1 = macro_f1(labels.numpy(), predicted.numpy())
     done("infer")
+
+    step("challenge", f"the held-out set as a test set: template, submission, its check -> {out / 'challenge'}")
+    scores, rows = run_challenge(out, heldout)
+    done("challenge")
     timings["total"] = round(time.perf_counter() - started, 1)
 
     summary = {"config": asdict(cfg), "timings_s": timings,
                "stage1": {"epoch": best["epoch"], "validation_macro_f1": round(best["metrics"]["macro_f1"], 4)},
-               "stage2": report["ablation"], "heldout": {"video": str(video), "macro_f1": round(heldout_f1, 4)}}
+               "stage2": report["ablation"], "heldout": {"video": str(video), "macro_f1": round(heldout_f1, 4)},
+               "challenge": {"rows": rows, "macro_f1": scores["smoothed"]["macro_f1"],
+                             "raw_macro_f1": scores["raw"]["macro_f1"]}}
     save_json(out / "demo.json", summary)
     say("\n== results")
     say(f"Stage I: validation Macro-F1 {best['metrics']['macro_f1']:.3f} (epoch {best['epoch']}), "
@@ -212,11 +240,14 @@ def run_demo(cfg):
     say(f"Stage II ablation, {cfg.folds}-fold cross-validation by video (the demo's tiny backbones, synthetic data):")
     say(ablation_table(report))
     say(f"infer.py on the held-out video {video.name}: Macro-F1 {heldout_f1:.3f} (fused, smoothed)")
+    say(f"the held-out set as the challenge: a {rows}-row submission, checked; Macro-F1 over its frames "
+        f"{scores['smoothed']['macro_f1']:.3f} (smoothed), {scores['raw']['macro_f1']:.3f} (raw)")
     say(f"outputs: {out}/")
     for name, what in (("data", "synthetic dataset (videos, annotations, crops, true boxes, images)"),
                        ("backbones", "tiny random backbones in Hugging Face format"),
                        ("stage1/best", "Stage I encoder"), ("stage2", "Stage II checkpoint, report.md"),
                        ("predictions", "infer.py outputs: CSV, ABAW rows, PNG timeline"),
+                       ("challenge", "template, submission.txt, scores.md of the held-out set"),
                        ("demo.json", "this summary")):
         say(f"  {name:<14}{what}")
     say(f"time: {timings['total']:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items() if k != "total")

@@ -5,6 +5,7 @@
     python infer.py clip.mp4 --boxes clip.json    # your own detector's face boxes instead of RetinaFace
     python infer.py test_videos/ --submission ABAW_Expr_test_set_sample.txt --out sub/   # -> sub/submission.txt
     python infer.py --check-submission sub/submission.txt --submission ABAW_Expr_test_set_sample.txt
+    python infer.py val_videos/ --annotations Validation_Set/ --out val/   # -> val/scores.md, scores.json
 
 Per video: decode, detect and track the face, crop it at several scales, encode the crops with the
 Stage I encoder, compute frame-aligned wav2vec 2.0 audio features, fuse them with the Stage II fold
@@ -66,6 +67,7 @@ class VideoPrediction:
     times: np.ndarray            # (N,) float64: presentation time in seconds
     probabilities: np.ndarray    # (N, 8) float32: softmax of the smoothed ensemble logits
     labels: np.ndarray           # (N,) int64: argmax class, 0..7 in CLASSES order
+    raw_labels: np.ndarray       # (N,) int64: the argmax before the temporal smoothing
     face: np.ndarray             # (N,) bool: a face box was used (detected, or filled between two detections)
     detected: np.ndarray         # (N,) bool: the face was detected on this very frame (face and not detected: filled)
     audio: np.ndarray            # (N,) bool: the video's sound covers this frame
@@ -76,14 +78,15 @@ class VideoPrediction:
         return len(self.frames)
 
 
-def prediction_from_logits(logits, features, id, video, person, info):
-    """VideoPrediction from raw (N, 8) logits (already smoothed) and the person's FrameFeatures."""
+def prediction_from_logits(logits, raw_logits, features, id, video, person, info):
+    """VideoPrediction from the (N, 8) smoothed and raw logits and the person's FrameFeatures."""
     probabilities = torch.softmax(logits.float(), dim=-1)
     face = _numpy(features.face).astype(bool)
     return VideoPrediction(
         id=id, video=str(video), person=person, fps=float(info.fps), width=int(info.width), height=int(info.height),
         frames=np.arange(len(logits), dtype=np.int64), times=_numpy(features.times).astype(np.float64),
         probabilities=probabilities.numpy(), labels=probabilities.argmax(-1).numpy(),
+        raw_labels=raw_logits.argmax(-1).numpy(),
         face=face, detected=_numpy(features.detected).astype(bool), audio=_numpy(features.audio_present).astype(bool),
         boxes=_numpy(features.boxes).astype(np.float32), audio_only=not face.any())
 
@@ -157,17 +160,19 @@ class Predictor:
         return [(person, found[person]) for person in people]
 
     @torch.inference_mode()
-    def logits(self, features):
-        """Smoothed ensemble logits (N, 8) on the CPU. A person with no face on any frame goes through
-        audio_only_ensemble with zero visual input."""
+    def logits(self, features, smoothed=True):
+        """Ensemble logits (N, 8) on the CPU, smoothed over time by the checkpoint's filter unless smoothed=False.
+        A person with no face on any frame goes through audio_only_ensemble with zero visual input."""
         visual = features.visual.to(self.device, torch.float32)
         audio = features.audio.to(self.device, torch.float32)
         face = features.face
         model = self.ensemble
         if len(face) and not face.any() and self.mode != "audio":
             model, visual = self.audio_only_ensemble(), torch.zeros_like(visual)
-        kind, window = self.smoothing["kind"], int(self.smoothing["window"])
-        return models.smooth_logits(model(visual, audio), kind, window).cpu()
+        raw = model(visual, audio)
+        if not smoothed:
+            return raw.cpu()
+        return models.smooth_logits(raw, self.smoothing["kind"], int(self.smoothing["window"])).cpu()
 
     def audio_only_ensemble(self):
         """The ensemble with each fold's visual input pinned to its training mean.
@@ -277,7 +282,9 @@ def predict_video(video, predictor, person="largest", fail_without_face=False, p
                 raise EmoError(f"{video}: no face found on any of its {len(face)} frames and it has no sound, "
                                "so there is nothing to predict from")
             warn(f"{video}: no face found on any frame; writing audio-only predictions (face=0 on every row)")
-        predictions.append(prediction_from_logits(predictor.logits(features), features, id, video, rule, info))
+        raw = predictor.logits(features, smoothed=False)
+        smoothed = models.smooth_logits(raw, predictor.smoothing["kind"], int(predictor.smoothing["window"]))
+        predictions.append(prediction_from_logits(smoothed, raw, features, id, video, rule, info))
     return predictions
 
 
@@ -540,12 +547,12 @@ def read_template(path):
     return template
 
 
-def submission_jobs(template, videos, source):
-    """[(video, (person, ...))]: the videos the template's ids name (`<v>_left` / `<v>_right` share `<v>`),
+def id_jobs(ids, videos, source):
+    """[(video, (person, ...))]: the videos that annotation ids name (`<v>_left` / `<v>_right` share `<v>`),
     each with the people to predict; one error naming every id without a video."""
     by_stem = {video.stem: video for video in videos}
     jobs, missing = {}, []
-    for annotation_id in template:
+    for annotation_id in ids:
         stem, person = data.split_annotation_id(annotation_id)
         if annotation_id in by_stem:
             stem, person = annotation_id, "largest"
@@ -591,6 +598,64 @@ def check_submission(path, template_path):
     if left is not None:
         raise EmoError(f"{path} ends after {rows} rows; the template goes on (line {left[0]}: {left[1]})")
     return rows
+
+
+# ------------------------------------------------------------------------------------ validation
+
+def read_annotations(folder):
+    """{id: (frames,) labels} of every ABAW annotation file <id>.txt in a folder (e.g. Validation_Set/)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EmoError(f"--annotations {folder} does not exist" if not folder.exists() else f"{folder} is not a folder")
+    files = sorted(folder.glob("*.txt"))
+    if not files:
+        raise EmoError(f"--annotations {folder} holds no ABAW annotation files (<id>.txt)")
+    return {safe_id(file.stem, str(folder)): data.read_annotation(file).numpy() for file in files}
+
+
+def fit_labels(predicted, length):
+    """Predicted labels fitted to an annotation's length: cut, or extended with the last decoded frame's."""
+    return np.concatenate([predicted[:length], np.full(max(0, length - len(predicted)), predicted[-1])])
+
+
+def score(annotations, predictions):
+    """The challenge's scores of {id: labels} predictions against {id: annotation labels}: Macro-F1 over all
+    frames pooled (-1 frames left out) and per class, and per id; raw and smoothed; frame-count mismatches."""
+    result = {"ids": {}, "mismatches": {}}
+    pooled = {"raw": ([], []), "smoothed": ([], [])}
+    for annotation_id, truth in annotations.items():
+        prediction = predictions[annotation_id]
+        if len(prediction) != len(truth):
+            result["mismatches"][annotation_id] = {"annotated": len(truth), "decoded": len(prediction)}
+        per_id = {"frames": int((truth != -1).sum())}
+        for kind, labels in (("raw", prediction.raw_labels), ("smoothed", prediction.labels)):
+            fitted = fit_labels(labels, len(truth))
+            pooled[kind][0].append(truth)
+            pooled[kind][1].append(fitted)
+            per_id[kind] = round(data.macro_f1(truth, fitted), 4)
+        result["ids"][annotation_id] = per_id
+    for kind, (truth, fitted) in pooled.items():
+        truth, fitted = np.concatenate(truth), np.concatenate(fitted)
+        per_class = data.f1_per_class(data.confusion_matrix(truth, fitted))
+        result[kind] = {"macro_f1": round(data.macro_f1(truth, fitted), 4),
+                        "f1": dict(zip(CLASSES, per_class.round(4).tolist()))}
+    return result
+
+
+def write_scores(out, scores):
+    """OUT/scores.json and OUT/scores.md."""
+    models.save_json(out / "scores.json", scores)
+    lines = ["| | Macro-F1 | " + " | ".join(CLASSES) + " |", "| --- " * (len(CLASSES) + 2) + "|"]
+    for kind in ("raw", "smoothed"):
+        lines.append(f"| {kind} | {scores[kind]['macro_f1']:.4f} | "
+                     + " | ".join(f"{scores[kind]['f1'][name]:.4f}" for name in CLASSES) + " |")
+    lines += ["", "| id | labelled frames | raw | smoothed |", "| --- | --- | --- | --- |"]
+    lines += [f"| {i} | {s['frames']} | {s['raw']:.4f} | {s['smoothed']:.4f} |" for i, s in scores["ids"].items()]
+    if scores["mismatches"]:
+        lines += ["", "Frame counts that differ (the annotation's count is scored; missing frames take the last "
+                  "decoded frame's label):", ""]
+        lines += [f"- {i}: annotated {m['annotated']}, decoded {m['decoded']}" for i, m in scores["mismatches"].items()]
+    write_lines(out / "scores.md", lines)
 
 
 # ------------------------------------------------------------------------------------ command line
@@ -662,6 +727,10 @@ def parser():
                    help="ABAW template (image_location,Neutral,...,Other then <id>/<frame>.jpg,<label> rows): predict "
                         "every id it names (<v>_left / <v>_right: that person of <v>.mp4, else the largest face) and "
                         "write OUT/submission.txt, its rows in its order, each labelled")
+    p.add_argument("--annotations", metavar="DIR",
+                   help="ABAW annotation files (<id>.txt, e.g. Validation_Set/): predict every id and write "
+                        "OUT/scores.md and OUT/scores.json, the challenge's Macro-F1 pooled over all frames, per "
+                        "class and per id, raw and smoothed")
     p.add_argument("--check-submission", metavar="FILE",
                    help="check FILE against --submission TEMPLATE (header, rows in order, labels 0..7) and exit")
     return p
@@ -699,22 +768,24 @@ def main(argv=None):
     if out.exists() and not out.is_dir():
         raise EmoError(f"--out {out} exists and is not a folder")
     videos = find_inputs(args.inputs)
-    template = read_template(args.submission) if args.submission else None
-    jobs = submission_jobs(template, videos, args.submission) if template else [(v, args.person) for v in videos]
+    template = read_template(args.submission) if args.submission else {}
+    annotations = read_annotations(args.annotations) if args.annotations else {}
+    wanted = list(dict.fromkeys([*template, *annotations]))  # the ids to predict, when a file names them
+    jobs = id_jobs(wanted, videos, args.submission or args.annotations) if wanted else [(v, args.person) for v in videos]
     for video, _ in jobs:  # every input checked before any work: missing, unreadable, no video stream
         data.probe(video)
         boxes_for_video(args.boxes, video, videos)
     detector = "none" if args.boxes and not args.detector else args.detector
     predictor = Predictor.load(args.ckpt, args.device, detector, args.stride, args.batch_size, args.detect_every)
     created = not out.exists()
-    labels, frames = {}, 0
+    predicted, frames = {}, 0
     try:
         for number, (video, person) in enumerate(jobs, 1):
             start = time.perf_counter()
             predictions = predict_video(video, predictor, person, args.fail_without_face, progress=True,
                                         boxes=boxes_for_video(args.boxes, video, videos))
             written = write_outputs(out, predictions, args.video_out, args.batch_size or 32)
-            labels.update((p.id, p.labels) for p in predictions)
+            predicted.update((p.id, p) for p in predictions)
             seconds = time.perf_counter() - start
             n = len(predictions[0])
             frames += n
@@ -724,8 +795,14 @@ def main(argv=None):
     finally:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # an error before the first video's outputs: leave no trace
+    if annotations:
+        scores = score(annotations, predicted)
+        write_scores(out, scores)
+        tqdm.write(f"validation: Macro-F1 {scores['smoothed']['macro_f1']:.4f} smoothed, {scores['raw']['macro_f1']:.4f} "
+                   f"raw, over {len(annotations)} ids ({len(scores['mismatches'])} with another frame count than "
+                   f"their video); {out / 'scores.md'}", file=sys.stderr)
     if template:
-        filled = write_submission(out / "submission.txt", args.submission, labels)
+        filled = write_submission(out / "submission.txt", args.submission, {i: p.labels for i, p in predicted.items()})
         rows = sum(len(numbers) for numbers in template.values())
         tqdm.write(f"submission: {out / 'submission.txt'}, {rows} rows over {len(template)} ids; {filled} rows past "
                    "the last decoded frame of their video took that frame's label", file=sys.stderr)

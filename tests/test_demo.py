@@ -35,6 +35,14 @@ def test_quick_demo_runs_and_fusion_beats_the_face_alone(tmp_path):
     assert (out / "predictions" / f"{video.stem}.png").is_file()
     assert 0 <= summary["heldout"]["macro_f1"] <= 1
 
+    # the held-out set as the challenge: a template, its submission (checked in the demo), every id scored
+    template = (out / "challenge" / "test_set_template.txt").read_text().splitlines()
+    submission = (out / "challenge" / "submission.txt").read_text().splitlines()
+    assert len(submission) == len(template) == summary["challenge"]["rows"] + 1
+    assert [line.rsplit(",", 1)[0] for line in submission] == [line.rsplit(",", 1)[0] for line in template]
+    scores = json.loads((out / "challenge" / "scores.json").read_text())
+    assert len(scores["ids"]) == 5 and scores["smoothed"]["macro_f1"] == summary["challenge"]["macro_f1"]
+
     # the backbones are Hugging Face checkpoints that emo's loaders read back
     assert ViT.from_pretrained(out / "backbones" / "dinov2-tiny").cfg == ViTConfig(**emo.TINY_DINOV2)
     assert Wav2Vec2.from_pretrained(out / "backbones" / "wav2vec2-tiny").cfg == Wav2Vec2Config(**emo.TINY_WAV2VEC2)

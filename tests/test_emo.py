@@ -1,4 +1,4 @@
-"""The metric (train.py) against scikit-learn, checkpoint files (models.py), emo.py's command line."""
+"""The metric (data.py) against scikit-learn, checkpoint files (models.py), emo.py's command line."""
 import subprocess
 import sys
 from pathlib import Path
@@ -8,8 +8,8 @@ import pytest
 import torch
 from sklearn import metrics
 
+import data
 import models
-import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,25 +25,25 @@ def test_metrics_match_scikit_learn(seed):
     y_true[rng.random(n) < 0.2] = -1
     keep = y_true != -1
 
-    counts = train.confusion_matrix(y_true, y_pred)
+    counts = data.confusion_matrix(y_true, y_pred)
     assert (counts == metrics.confusion_matrix(y_true[keep], y_pred[keep], labels=range(8))).all()
     expected_f1 = metrics.f1_score(y_true[keep], y_pred[keep], labels=range(8), average=None, zero_division=0)
-    assert np.allclose(train.f1_per_class(counts), expected_f1, atol=1e-12)
+    assert np.allclose(data.f1_per_class(counts), expected_f1, atol=1e-12)
     if keep.any():
         expected_macro = metrics.f1_score(y_true[keep], y_pred[keep], average="macro")
-        got = train.macro_f1(torch.from_numpy(y_true), torch.from_numpy(y_pred))  # tensors are accepted too
+        got = data.macro_f1(torch.from_numpy(y_true), torch.from_numpy(y_pred))  # tensors are accepted too
         assert got == pytest.approx(expected_macro, abs=1e-12)
     else:
-        assert train.macro_f1(y_true, y_pred) == 0.0
+        assert data.macro_f1(y_true, y_pred) == 0.0
 
 
 def test_metrics_reject_bad_labels():
     with pytest.raises(ValueError, match="0..7"):
-        train.confusion_matrix([0, 8], [0, 1])
+        data.confusion_matrix([0, 8], [0, 1])
     with pytest.raises(ValueError, match="predictions"):
-        train.confusion_matrix([0, 1], [0])
+        data.confusion_matrix([0, 1], [0])
     with pytest.raises(ValueError, match="0..7"):
-        train.confusion_matrix([0, 1], [0, -1])
+        data.confusion_matrix([0, 1], [0, -1])
 
 
 def test_checkpoint_round_trip(tmp_path):

@@ -43,7 +43,8 @@ def make_prediction(n=57, id="clip", video="clip.mp4", seed=0, times=None, width
     return infer.VideoPrediction(
         id=id, video=str(video), person="largest", fps=fps, width=width, height=height,
         frames=np.arange(n), times=np.arange(n) / fps if times is None else np.asarray(times, dtype=np.float64),
-        probabilities=probabilities, labels=probabilities.argmax(1), face=face, detected=face & (np.arange(n) % 3 > 0),
+        probabilities=probabilities, labels=probabilities.argmax(1), raw_labels=rng.integers(0, len(CLASSES), n),
+        face=face, detected=face & (np.arange(n) % 3 > 0),
         audio=np.arange(n) < n - 5,
         boxes=boxes)
 
@@ -659,3 +660,41 @@ def test_submission_from_a_template_and_its_check(tmp_path, capsys, videos, chec
         assert status == 2 and message in one_error_line(err), (name, err)
     status, err = run_cli(["--check-submission", out / "submission.txt"], capsys)
     assert status == 2 and "needs --submission" in one_error_line(err)
+
+
+def test_validation_scores_equal_scikit_learn(tmp_path, capsys, videos, checkpoint):
+    from sklearn.metrics import f1_score
+    n = sum(len(f) for f, _ in data.iter_frames(videos["sound"]))
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "Validation_Set"
+    folder.mkdir()
+    truth = {"sound": rng.integers(-1, 8, n + 4),  # 4 frames more than the video decodes to
+             "pair_left": rng.integers(-1, 8, n), "pair_right": rng.integers(0, 3, n)}
+    for annotation_id, labels in truth.items():
+        data.write_annotation(folder / f"{annotation_id}.txt", labels.tolist())
+    out = tmp_path / "out"
+    status, err = run_cli([videos["sound"].parent, "--annotations", folder, "--ckpt", checkpoint, "--out", out], capsys)
+    assert status == 0, err
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["mismatches"] == {"sound": {"annotated": n + 4, "decoded": n}}
+    assert "sound: annotated" in (out / "scores.md").read_text()
+    predictor = infer.Predictor.load(checkpoint, "cpu")
+    again = {p.id: p for video, person in (("sound", ("largest",)), ("pair", ("left", "right")))
+             for p in infer.predict_video(videos[video], predictor, person=person)}
+    for annotation_id, p in again.items():  # the same predictions as the run's own files
+        _, rows = read_csv(out / f"{annotation_id}.csv")
+        assert [CLASSES.index(r[2]) for r in rows] == p.labels.tolist()
+    for kind, column in (("raw", "raw_labels"), ("smoothed", "labels")):
+        every_true, every_predicted = [], []
+        for annotation_id, labels in truth.items():
+            predicted = getattr(again[annotation_id], column)
+            predicted = np.concatenate([predicted, np.full(len(labels) - len(predicted), predicted[-1])])
+            keep = labels != -1
+            expected = f1_score(labels[keep], predicted[keep], average="macro")
+            assert abs(scores["ids"][annotation_id][kind] - expected) <= 1e-4
+            every_true.append(labels[keep])
+            every_predicted.append(predicted[keep])
+        every_true, every_predicted = np.concatenate(every_true), np.concatenate(every_predicted)
+        assert abs(scores[kind]["macro_f1"] - f1_score(every_true, every_predicted, average="macro")) <= 1e-4
+        expected = f1_score(every_true, every_predicted, labels=range(8), average=None, zero_division=0)
+        assert np.allclose([scores[kind]["f1"][name] for name in CLASSES], expected, atol=1e-4)
