@@ -57,6 +57,11 @@ class VideoInfo:
     start: float = 0.0     # presentation time of the first frame, seconds (the file's clock, as frames' times)
 
 
+def _warn(text):
+    """One warning line on stderr that keeps the progress bar intact."""
+    tqdm.write(f"warning: {text}", file=sys.stderr)
+
+
 @contextlib.contextmanager
 def _opened(path):
     """A media file open with PyAV (see _open): an FFmpeg error while reading it becomes one EmoError line."""
@@ -514,7 +519,7 @@ def _read_faces_cache(cache, key):
                 return None
             return VideoFaces(**{name: f.get_tensor(name) for name in f.keys()})
     except Exception as e:  # damaged or foreign file: say so, then detect again
-        tqdm.write(f"warning: face cache {cache} is unreadable ({e}); detecting again", file=sys.stderr)
+        _warn(f"face cache {cache} is unreadable ({first_line(e)}); detecting again")
         return None
 
 
@@ -954,10 +959,6 @@ def frame_audio(w2v, video, times, cfg, audio_dim=1024, warn=None, progress=None
     if reader.start is None:
         return absent
     return audio, reader.covered(centres)
-
-
-def _warn(text):
-    tqdm.write(f"warning: {text}", file=sys.stderr)
 
 
 # ------------------------------------------------------- Stage I: image datasets and transforms
@@ -1587,9 +1588,9 @@ class _Encoder:
 
 @torch.inference_mode()
 def people_features(video, encoder, w2v, detector, people=("left", "right"), cfg=FeatureConfig(), device=None,
-                    cache_dir=None, progress=True, audio_dim=1024, boxes=None):
+                    cache_dir=None, progress=True, audio_dim=1024, boxes=None, info=None):
     """{person: FrameFeatures} for several people of one video, from one decoding pass over the frames and
-    one streamed pass over the sound. See video_features."""
+    one streamed pass over the sound. See video_features. info: the video's VideoInfo, when already probed."""
     unknown = [p for p in people if p not in PEOPLE]
     if unknown:
         raise EmoError(f"unknown person {unknown[0]!r}: use largest, left or right")
@@ -1597,7 +1598,8 @@ def people_features(video, encoder, w2v, detector, people=("left", "right"), cfg
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
     encoder.to(device).eval()
     stages = 1 + (w2v is not None)  # the pass over the frames, the pass over the sound: one bar in frames
-    with tqdm(total=probe(video).frames * stages, desc=video.name, unit="frame", disable=not progress) as bar:
+    frames = (info or probe(video)).frames
+    with tqdm(total=frames * stages, desc=video.name, unit="frame", disable=not progress) as bar:
         return _people_features(video, encoder, w2v, detector, people, cfg, device, cache_dir, audio_dim, boxes,
                                 bar, stages)
 
@@ -1809,7 +1811,7 @@ def save_features(path, features, key):
 
 
 def _warn_unreadable(path, error):
-    tqdm.write(f"warning: feature file {path} is unreadable ({first_line(error)}); extracting again", file=sys.stderr)
+    _warn(f"feature file {path} is unreadable ({first_line(error)}); extracting again")
 
 
 def _feature_key(file):

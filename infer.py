@@ -145,10 +145,10 @@ class Predictor:
         check_dimensions(info, encoder, w2v, ckpt_dir)
         return cls(ensemble, encoder, w2v, detector, info, feature_cfg, device)
 
-    def features(self, video, people=("largest",), progress=False, boxes=None):
+    def features(self, video, people=("largest",), progress=False, boxes=None, info=None):
         """[(person, FrameFeatures)] for each of `people` (largest, left, right) in a video: one decoding
         and detection pass for all of them. boxes: the faces' own boxes instead of the detector (a boxes
-        JSON file or {person: (N, 4)}, see data.read_boxes)."""
+        JSON file or {person: (N, 4)}, see data.read_boxes). info: its data.probe, when already made."""
         if boxes is None and self.detector is None:
             raise EmoError(f"{video}: no face detector was loaded and no boxes were given for it; pass --boxes "
                            "or leave out --detector none")
@@ -156,7 +156,7 @@ class Predictor:
         audio_dim = self.info["fusion"].get("audio_dim", 1024)  # GatedFusion's default
         found = data.people_features(video, self.encoder, self.w2v, self.detector, tuple(people),
                                      cfg=self.feature_cfg, device=self.device, progress=progress, boxes=boxes,
-                                     audio_dim=audio_dim)
+                                     audio_dim=audio_dim, info=info)
         return [(person, found[person]) for person in people]
 
     @torch.inference_mode()
@@ -255,7 +255,7 @@ def people(stem, person, found):
 
 
 def predict_video(video, predictor, person="largest", fail_without_face=False, progress=False, warn=None,
-                  boxes=None):
+                  boxes=None, info=None):
     """Predictions for the chosen person(s) in one video: a list of VideoPrediction.
 
     person: largest (one prediction, id `<stem>`), left / right (`<stem>_left` / `<stem>_right`), or
@@ -265,12 +265,14 @@ def predict_video(video, predictor, person="largest", fail_without_face=False, p
     predictions, flagged with audio_only and face=0 (EmoError instead with fail_without_face, or when it
     has no sound either). warn(text) receives the warnings (default: printed to stderr). boxes: the
     faces' own boxes instead of the detector's (a boxes JSON file or {person: (N, 4)}, see data.read_boxes).
+    info: the video's data.probe, when the caller has made it already (a video is probed once).
     """
     warn = warn or (lambda text: tqdm.write(f"warning: {text}", file=sys.stderr))
-    info = data.probe(video)
+    info = info or data.probe(video)
     rules = person_rules(person)
     predictions = []
-    for id, rule, features in people(Path(video).stem, person, predictor.features(video, rules, progress, boxes)):
+    found = predictor.features(video, rules, progress, boxes, info)
+    for id, rule, features in people(Path(video).stem, person, found):
         face = features.face
         if len(face) == 0:
             raise EmoError(f"{video} has no decodable video frames; re-encode it")
@@ -422,10 +424,10 @@ def write_annotated_video(path, predictions, video, batch_size=32):
     (frame i at i / fps, so a variable-rate video keeps its frames but not their exact times), with each
     person's face box, label and probability drawn. The sound is not copied. Odd frame sizes lose their
     last row / column (the encoders need even ones). Returns the number of frames written."""
-    info = data.probe(video)
-    n = len(predictions[0])
-    width, height = info.width - info.width % 2, info.height - info.height % 2
-    rate = Fraction(info.fps if info.fps > 0 else 25).limit_denominator(1001)
+    first = predictions[0]  # carries the video's fps and size, as probed for the predictions
+    n = len(first)
+    width, height = first.width - first.width % 2, first.height - first.height % 2
+    rate = Fraction(first.fps if first.fps > 0 else 25).limit_denominator(1001)
     text_font = font(max(12, height // 22))
     line = max(2, height // 180)
     with atomic_path(path) as tmp, av.open(str(tmp), "w", format="mp4") as out:
@@ -666,7 +668,7 @@ def find_inputs(paths):
     for given in paths:
         path = Path(given)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in data.VIDEO_SUFFIXES and p.is_file())
+            found = list(data.find_videos(path).values())
             if not found:
                 raise EmoError(f"{path} holds no videos ({', '.join(data.VIDEO_SUFFIXES)})")
             videos += found
@@ -772,8 +774,9 @@ def main(argv=None):
     annotations = read_annotations(args.annotations) if args.annotations else {}
     wanted = list(dict.fromkeys([*template, *annotations]))  # the ids to predict, when a file names them
     jobs = id_jobs(wanted, videos, args.submission or args.annotations) if wanted else [(v, args.person) for v in videos]
+    probed = {}
     for video, _ in jobs:  # every input checked before any work: missing, unreadable, no video stream
-        data.probe(video)
+        probed[video] = data.probe(video)
         boxes_for_video(args.boxes, video, videos)
     detector = "none" if args.boxes and not args.detector else args.detector
     predictor = Predictor.load(args.ckpt, args.device, detector, args.stride, args.batch_size, args.detect_every)
@@ -783,7 +786,7 @@ def main(argv=None):
         for number, (video, person) in enumerate(jobs, 1):
             start = time.perf_counter()
             predictions = predict_video(video, predictor, person, args.fail_without_face, progress=True,
-                                        boxes=boxes_for_video(args.boxes, video, videos))
+                                        boxes=boxes_for_video(args.boxes, video, videos), info=probed[video])
             written = write_outputs(out, predictions, args.video_out, args.batch_size or 32)
             predicted.update((p.id, p) for p in predictions)
             seconds = time.perf_counter() - start
